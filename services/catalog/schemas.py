@@ -1,0 +1,58 @@
+"""Catalog request and response models (the API.md contract)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+MAX_ID = 2**63 - 1
+ProductId = Annotated[int, Field(ge=1, le=MAX_ID)]
+Cents = Annotated[StrictInt, Field(ge=0, le=10**12)]
+
+
+class FlashSale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    price_cents: Cents
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
+    per_user_limit: Annotated[StrictInt, Field(ge=1, le=1000)]
+
+    @model_validator(mode="after")
+    def _window(self) -> FlashSale:
+        if self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        return self
+
+
+class ProductIn(BaseModel):
+    """Body of PUT /api/v1/admin/products/{id}: every Product field but id and updated_at."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sku: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._\-]+$")]
+    name: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    description: Annotated[StrictStr, Field(max_length=10_000)] = ""
+    price_cents: Cents
+    currency: Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$")]
+    stock: Annotated[StrictInt, Field(ge=0, le=1_000_000_000)]
+    flash_sale: FlashSale | None = None
+
+
+class Product(ProductIn):
+    id: ProductId
+    updated_at: AwareDatetime
+
+
+class ProductPage(BaseModel):
+    items: list[Product]
+    next: int | None

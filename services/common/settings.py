@@ -1,0 +1,134 @@
+"""Base settings every service shares: DSNs, pools, limits, secrets."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORTS: dict[str, int] = {
+    "gateway": 8000,
+    "catalog": 8001,
+    "payment": 8002,
+    "stats": 8003,
+    "psp_sandbox": 8009,
+}
+SERVICES: tuple[str, ...] = tuple(DEFAULT_PORTS)
+
+# Documented development defaults. They are refused outside dev mode.
+DEV_SECRETS: dict[str, str] = {
+    "jwt_secret": "dev-only-jwt-secret-change-me-0123456789abcdef",
+    "psp_webhook_secret": "dev-only-psp-webhook-secret-0123456789abcdef",
+    "admin_password": "admin-password",
+}
+MIN_SECRET_BYTES = 32
+MIN_ADMIN_PASSWORD_CHARS = 12
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PROD = "prod"
+
+
+class ConfigError(Exception):
+    """Configuration is missing or unsafe; the process must not start."""
+
+
+class CommonSettings(BaseSettings):
+    """Settings shared by all services, read once from SHOPSTACK_* variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHOPSTACK_", extra="ignore", frozen=True, validate_default=True
+    )
+
+    service_name: ClassVar[str] = "common"
+
+    env: Environment = Environment.DEV
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+
+    db_pool_min: int = Field(default=2, ge=0, le=100)
+    db_pool_max: int = Field(default=10, ge=1, le=200)
+    db_command_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    redis_pool_max: int = Field(default=50, ge=1, le=10_000)
+    redis_timeout_s: float = Field(default=1.0, gt=0, le=60)
+
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    body_read_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    header_read_timeout_ms: int = Field(default=10_000, ge=100, le=60_000)
+
+    log_level: str = "INFO"
+    json_logs: bool = True
+
+    jwt_secret: SecretStr | None = None
+    psp_webhook_secret: SecretStr | None = None
+    admin_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CommonSettings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError("db_pool_min must not exceed db_pool_max")
+        return self
+
+    @property
+    def listen_port(self) -> int:
+        return self.port if self.port is not None else DEFAULT_PORTS.get(self.service_name, 8000)
+
+    @property
+    def is_dev(self) -> bool:
+        return self.env is not Environment.PROD
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "SHOPSTACK_DATABASE_URL is not set (`shopstack up` sets it, or starts an "
+                "embedded PostgreSQL)"
+            )
+        return self.database_url
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise ConfigError(
+                "SHOPSTACK_REDIS_URL is not set (`shopstack up` sets it, or starts an "
+                "embedded Redis)"
+            )
+        return self.redis_url
+
+    def secret(self, name: str) -> str:
+        """Return a secret's value; dev mode falls back to the documented dev default.
+
+        Outside dev mode a missing or short secret is a ConfigError, and the error
+        message never contains the value.
+        """
+        value: SecretStr | None = getattr(self, name)
+        if value is not None and value.get_secret_value():
+            raw = value.get_secret_value()
+            if not self.is_dev:
+                if raw == DEV_SECRETS.get(name):
+                    raise ConfigError(f"SHOPSTACK_{name.upper()} is the dev default")
+                minimum = MIN_ADMIN_PASSWORD_CHARS if name == "admin_password" else MIN_SECRET_BYTES
+                if len(raw.encode()) < minimum:
+                    raise ConfigError(
+                        f"SHOPSTACK_{name.upper()} is too short (at least {minimum} bytes)"
+                    )
+            return raw
+        if self.is_dev and name in DEV_SECRETS:
+            return DEV_SECRETS[name]
+        raise ConfigError(f"SHOPSTACK_{name.upper()} must be set outside dev mode")
+
+
+def load(settings_cls: type[CommonSettings], **overrides: Any) -> CommonSettings:
+    """Build and validate settings, turning validation errors into a ConfigError."""
+    from pydantic import ValidationError
+
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {settings_cls.service_name} settings: {exc}") from exc

@@ -1,0 +1,177 @@
+"""Pooled keep-alive forwarding to the upstream services.
+
+One aiohttp session per upstream with an explicit connection limit and an idle
+expiry shorter than the upstream's keep-alive. A request is retried once on a
+connection that died before answering only when it is safe: an idempotent
+method, or a POST that carries an Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from services.common.errors import UpstreamUnavailable
+
+log = logging.getLogger("shopstack.gateway.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: recomputed by the client, or set only by the gateway.
+DROP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "x-user-id",
+    "x-user-role",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+@dataclass(frozen=True)
+class UpstreamReply:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[str]:
+    """Header names a Connection header marks as hop-by-hop."""
+    named: set[str] = set()
+    for key, value in headers:
+        if key == b"connection":
+            named.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+    return named
+
+
+def request_headers(raw: list[tuple[bytes, bytes]], extra: dict[str, str]) -> list[tuple[str, str]]:
+    """Client headers minus hop-by-hop and identity headers, plus the gateway's own."""
+    drop = DROP_REQUEST | connection_tokens(raw)
+    out = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in raw
+        if k.decode("latin-1").lower() not in drop
+    ]
+    out.extend(extra.items())
+    return out
+
+
+def response_headers(raw: CIMultiDictProxy[str]) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers minus hop-by-hop ones."""
+    items = list(raw.items())
+    named = {
+        t.strip().lower()
+        for k, v in items
+        if str(k).lower() == "connection"
+        for t in str(v).split(",")
+    }
+    drop = DROP_RESPONSE | named
+    return [
+        (str(k).lower().encode("latin-1"), str(v).encode("latin-1"))
+        for k, v in items
+        if str(k).lower() not in drop
+    ]
+
+
+class Upstream:
+    """A named upstream with its own keep-alive pool."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        pool_size: int,
+        idle_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout_s = connect_timeout_s
+        self._connector = aiohttp.TCPConnector(
+            limit=pool_size,
+            limit_per_host=pool_size,
+            keepalive_timeout=idle_s,
+            enable_cleanup_closed=False,
+            ttl_dns_cache=300,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=self._connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def forward(
+        self,
+        method: str,
+        path_qs: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        timeout_s: float,
+        may_retry: bool,
+    ) -> UpstreamReply:
+        """Send one request upstream and return the whole reply; problems map to 502/504."""
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
+        )
+        attempts = 2 if may_retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.session.request(
+                    method,
+                    self.base_url + path_qs,
+                    headers=headers,
+                    data=body if body else None,
+                    allow_redirects=False,
+                    timeout=timeout,
+                ) as resp:
+                    payload = await resp.read()
+                    return UpstreamReply(resp.status, response_headers(resp.headers), payload)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled socket the upstream closed; safe to resend only if idempotent.
+                if attempt < attempts:
+                    continue
+                log.warning("upstream connection failed", extra=self._ctx(exc, method, path_qs))
+                raise UpstreamUnavailable(
+                    f"{self.name} is unavailable", status=502, retry_after_s=1
+                ) from None
+            except TimeoutError as exc:
+                log.warning("upstream timed out", extra=self._ctx(exc, method, path_qs))
+                raise UpstreamUnavailable(
+                    f"{self.name} did not answer in time", status=504
+                ) from None
+            except aiohttp.ClientError as exc:
+                log.warning("upstream error", extra=self._ctx(exc, method, path_qs))
+                raise UpstreamUnavailable(
+                    f"{self.name} is unavailable", status=502, retry_after_s=1
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _ctx(self, exc: BaseException, method: str, path: str) -> dict[str, str]:
+        return {"upstream": self.name, "method": method, "path": path, "error": repr(exc)}
