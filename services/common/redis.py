@@ -31,6 +31,8 @@ async def open_redis(settings: CommonSettings) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+        # A pool passed in explicitly is not closed by the client.
+        await client.connection_pool.aclose()
 
 
 async def ping(client: Redis) -> None:

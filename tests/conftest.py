@@ -1,0 +1,77 @@
+"""Session fixtures: real Postgres and Redis, a fresh database, settings, the stack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from services.common.migrations import apply_migrations
+from tests.support.servers import base_servers, create_database, drop_database, with_redis_db
+
+# Each concurrent test run on one Redis picks its own index (0 is left to `make run`).
+REDIS_TEST_DB = int(os.environ.get("SHOPSTACK_TEST_REDIS_DB", "9"))
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    with base_servers(tmp_path_factory.mktemp("servers")) as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def database_url(servers: tuple[str, str]) -> Iterator[str]:
+    admin_dsn = servers[0]
+    dsn = asyncio.run(create_database(admin_dsn))
+    asyncio.run(apply_migrations(dsn))
+    yield dsn
+    asyncio.run(drop_database(admin_dsn, dsn))
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers: tuple[str, str]) -> Iterator[str]:
+    url = with_redis_db(servers[1], REDIS_TEST_DB)
+
+    async def flush() -> None:
+        client = aioredis.Redis.from_url(url)
+        await client.flushdb()
+        await client.aclose()
+
+    asyncio.run(flush())
+    yield url
+    asyncio.run(flush())
+
+
+@pytest.fixture(scope="session")
+def service_env(database_url: str, redis_url: str) -> dict[str, str]:
+    """Environment for service processes and settings objects under test."""
+    return {
+        "SHOPSTACK_ENV": "test",
+        "SHOPSTACK_DATABASE_URL": database_url,
+        "SHOPSTACK_REDIS_URL": redis_url,
+        "SHOPSTACK_LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings_kwargs(database_url: str, redis_url: str) -> dict[str, Any]:
+    return {"database_url": database_url, "redis_url": redis_url, "log_level": "WARNING"}
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def rds(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
