@@ -63,8 +63,15 @@ async def test_get_product_matches_contract(catalog: httpx.AsyncClient) -> None:
     assert resp.status_code == 200
     doc = resp.json()
     assert set(doc) == {
-        "id", "sku", "name", "description", "price_cents", "currency", "stock",
-        "flash_sale", "updated_at",
+        "id",
+        "sku",
+        "name",
+        "description",
+        "price_cents",
+        "currency",
+        "stock",
+        "flash_sale",
+        "updated_at",
     }
     assert doc["flash_sale"] == {
         "price_cents": 999,
@@ -189,10 +196,22 @@ async def test_put_requires_admin(catalog: httpx.AsyncClient) -> None:
         {"stock": -1},
         {"currency": "eur"},
         {"name": ""},
-        {"flash_sale": {"price_cents": 1, "starts_at": "2026-01-02T00:00:00Z",
-                        "ends_at": "2026-01-01T00:00:00Z", "per_user_limit": 1}},
-        {"flash_sale": {"price_cents": 1, "starts_at": "2026-01-01T00:00:00",
-                        "ends_at": "2026-01-02T00:00:00Z", "per_user_limit": 1}},
+        {
+            "flash_sale": {
+                "price_cents": 1,
+                "starts_at": "2026-01-02T00:00:00Z",
+                "ends_at": "2026-01-01T00:00:00Z",
+                "per_user_limit": 1,
+            }
+        },
+        {
+            "flash_sale": {
+                "price_cents": 1,
+                "starts_at": "2026-01-01T00:00:00",
+                "ends_at": "2026-01-02T00:00:00Z",
+                "per_user_limit": 1,
+            }
+        },
     ],
 )
 async def test_put_rejects_invalid_bodies_and_changes_nothing(
@@ -267,7 +286,8 @@ async def test_health_ready_metrics_and_request_id(catalog: httpx.AsyncClient) -
     assert replaced.headers["x-request-id"] != "bad id\twith spaces"
     assert len(replaced.headers["x-request-id"]) == 32
     metrics = (await catalog.get("/metrics")).text
-    assert 'shopstack_http_requests_total{method="GET",route="/healthz",service="catalog"' in metrics
+    series = 'shopstack_http_requests_total{method="GET",route="/healthz",service="catalog"'
+    assert series in metrics
     assert "shopstack_http_request_duration_seconds_bucket" in metrics
 
 

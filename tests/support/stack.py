@@ -37,8 +37,17 @@ def start_stack(
     """Run `shopstack up --no-seed` and wait until the gateway is ready."""
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--no-seed", "--base-port", str(base_port),
-         "--data-dir", str(log_path.parent / "data")],
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--no-seed",
+            "--base-port",
+            str(base_port),
+            "--data-dir",
+            str(log_path.parent / "data"),
+        ],
         cwd=ROOT,
         env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
         stdout=log,
