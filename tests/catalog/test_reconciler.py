@@ -69,10 +69,11 @@ async def test_dead_admission_is_undone_after_the_grace(settings_kwargs: dict[st
             product_id=pid, rid=rid, user_id="dead", quantity=2, at_ms=now_ms()
         )
         assert admitted.decision is Admission.ADMITTED
-        assert (await reconcile(inv)).undone == 0  # still young: it may be in flight
+        await reconcile(inv)  # still young: it may be in flight, so it stays
         assert await inv.gate.loaded_stock(pid) == 3
         await asyncio.sleep(0.3)
-        assert (await reconcile(inv)).undone == 1
+        assert (await reconcile(inv)).undone >= 1
+        assert await inv.gate.loaded_stock(pid) == 5
         await assert_consistent(inv, pid)
         # Had it committed after all, its late commit is adopted, not lost.
         late = await inv.gate.commit(product_id=pid, rid=rid, user_id="dead", quantity=2)
@@ -88,15 +89,17 @@ async def test_lost_gate_commit_and_release_are_repaired(inventory: Inventory) -
     await inventory.redis.hset(f"gate:{pid}:r", rid, "P|rec-c|2")
     await inventory.redis.zadd(f"gate:{pid}:q", {rid: now_ms() - 3_600_000})
     report = await reconcile(inventory)
-    assert report.committed == 1
-    assert report.undone == 0  # it is in Postgres: committed, never undone
+    assert report.committed >= 1
+    view = await inventory.gate.view(pid)
+    assert not view.markers[rid].pending  # in Postgres: committed, never undone
     await assert_consistent(inventory, pid)
     # A cancel whose gate release was lost: the reconciler releases it.
     async with inventory.pool.acquire() as conn:
         await conn.execute("UPDATE orders SET status = 'cancelled' WHERE id = $1", uuid.UUID(rid))
         await conn.execute("UPDATE products SET stock = stock + 2 WHERE id = $1", pid)
         await conn.execute("UPDATE order_limits SET units = units - 2 WHERE product_id = $1", pid)
-    assert (await reconcile(inventory)).released == 1
+    assert (await reconcile(inventory)).released >= 1
+    assert rid not in (await inventory.gate.view(pid)).markers
     await assert_consistent(inventory, pid)
 
 
@@ -109,7 +112,7 @@ async def test_stock_drift_is_repaired_only_when_seen_twice(inventory: Inventory
     second = await reconcile(inventory)
     assert second.adjusted[pid] == 4
     await assert_consistent(inventory, pid)
-    assert (await reconcile(inventory)).drift_units == 0
+    assert pid not in (await reconcile(inventory)).adjusted
 
 
 async def test_gate_is_rebuilt_after_redis_loses_it(inventory: Inventory, rds: Redis) -> None:

@@ -1,4 +1,9 @@
-"""Every SQL statement of the catalog, one function per query."""
+"""Orders, the per-user counters, and what the gate is built from.
+
+Lock order, everywhere: order rows, then products (by id), then order_limits
+(by product, user). The order path counts its statements in
+shopstack_order_pg_queries_total.
+"""
 
 from __future__ import annotations
 
@@ -7,108 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from services.catalog.metrics import ORDER_PG_QUERIES
-from services.catalog.schemas import ProductIn
 from services.common.db import Connection, Executor
-
-_PRODUCT_COLUMNS = """
-    id, sku, name, description, price_cents, currency, stock, flash_price_cents,
-    flash_starts_at, flash_ends_at, flash_per_user_limit, updated_at
-"""
-
-
-async def fetch_product(conn: Executor, product_id: int) -> Any:
-    """One product row, or None."""
-    return await conn.fetchrow(
-        f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE id = $1",  # noqa: S608
-        product_id,
-    )
-
-
-async def fetch_page(conn: Executor, *, after: int, limit: int) -> list[Any]:
-    """Up to `limit` products with id > `after`, in id order (keyset pagination)."""
-    return await conn.fetch(
-        f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE id > $1 ORDER BY id LIMIT $2",  # noqa: S608
-        after,
-        limit,
-    )
-
-
-async def lock_product(conn: Connection, product_id: int) -> None:
-    """Lock a product row (if it exists) until the transaction ends."""
-    await conn.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", product_id)
-
-
-async def upsert_product(conn: Connection, product_id: int, data: ProductIn) -> Any:
-    """Create or replace a product; the row carries `created` (true when it was new).
-
-    `stock` restarts the inventory invariant: units_on_sale becomes the new stock
-    plus the units already held by reserved or paid orders. Call lock_product()
-    first in the same transaction so the sum sees every committed order.
-    """
-    sale = data.flash_sale
-    return await conn.fetchrow(
-        f"""
-        INSERT INTO products (id, sku, name, description, price_cents, currency, stock,
-                              units_on_sale, flash_price_cents, flash_starts_at,
-                              flash_ends_at, flash_per_user_limit, updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, clock_timestamp())
-        ON CONFLICT (id) DO UPDATE SET
-            sku = EXCLUDED.sku, name = EXCLUDED.name, description = EXCLUDED.description,
-            price_cents = EXCLUDED.price_cents, currency = EXCLUDED.currency,
-            stock = EXCLUDED.stock,
-            units_on_sale = EXCLUDED.stock + (
-                SELECT coalesce(sum(o.quantity), 0) FROM orders o
-                WHERE o.product_id = EXCLUDED.id AND o.status IN ('reserved', 'paid')
-            ),
-            flash_price_cents = EXCLUDED.flash_price_cents,
-            flash_starts_at = EXCLUDED.flash_starts_at, flash_ends_at = EXCLUDED.flash_ends_at,
-            flash_per_user_limit = EXCLUDED.flash_per_user_limit,
-            updated_at = clock_timestamp()
-        RETURNING {_PRODUCT_COLUMNS}, (xmax = 0) AS created
-        """,  # noqa: S608
-        product_id,
-        data.sku,
-        data.name,
-        data.description,
-        data.price_cents,
-        data.currency,
-        data.stock,
-        sale.price_cents if sale else None,
-        sale.starts_at if sale else None,
-        sale.ends_at if sale else None,
-        sale.per_user_limit if sale else None,
-    )
-
-
-async def insert_products_if_absent(conn: Connection, rows: list[tuple[Any, ...]]) -> int:
-    """Bulk-insert demo products, keeping existing ids untouched; return how many were new."""
-    result = await conn.fetchval(
-        """
-        WITH input AS (
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],
-                                 $5::bigint[], $6::text[], $7::int[], $8::bigint[],
-                                 $9::timestamptz[], $10::timestamptz[], $11::int[])
-              AS t(id, sku, name, description, price_cents, currency, stock,
-                   flash_price_cents, flash_starts_at, flash_ends_at, flash_per_user_limit)
-        ), ins AS (
-            INSERT INTO products (id, sku, name, description, price_cents, currency, stock,
-                                  flash_price_cents, flash_starts_at, flash_ends_at,
-                                  flash_per_user_limit)
-            SELECT * FROM input
-            ON CONFLICT DO NOTHING
-            RETURNING 1
-        )
-        SELECT count(*) FROM ins
-        """,
-        *[list(column) for column in zip(*rows, strict=True)],
-    )
-    return int(result)
-
-
-# ---------------------------------------------------------------------------
-# Orders. Lock order, everywhere: order rows, then products (by id), then
-# order_limits (by product, user). Every function counts its statements in
-# shopstack_order_pg_queries_total.
 
 ORDER_COLUMNS = """
     id, user_id, product_id, quantity, amount_cents, currency, status, created_at,
@@ -116,7 +20,7 @@ ORDER_COLUMNS = """
 """
 
 
-def _counted(statements: int = 1) -> None:
+def count_queries(statements: int = 1) -> None:
     ORDER_PG_QUERIES.inc(statements)
 
 
@@ -136,7 +40,7 @@ async def reserve(
     raises CheckViolationError (per_user_limit) when the user would pass the
     flash-sale cap. The price is the flash-sale price while the window is open.
     """
-    _counted()
+    count_queries()
     return await conn.fetchrow(
         f"""
         WITH p AS (
@@ -171,16 +75,9 @@ async def reserve(
     )
 
 
-async def product_exists(conn: Executor, product_id: int) -> bool:
-    _counted()
-    return bool(
-        await conn.fetchval("SELECT EXISTS (SELECT 1 FROM products WHERE id = $1)", product_id)
-    )
-
-
 async def fetch_order(conn: Executor, order_id: UUID, *, for_update: bool = False) -> Any:
     """One order row, or None (FOR UPDATE locks it until the transaction ends)."""
-    _counted()
+    count_queries()
     lock = " FOR UPDATE" if for_update else ""
     return await conn.fetchrow(
         f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1{lock}",  # noqa: S608
@@ -190,7 +87,7 @@ async def fetch_order(conn: Executor, order_id: UUID, *, for_update: bool = Fals
 
 async def close_order(conn: Connection, row: Any, *, status: str, now: datetime) -> Any:
     """Cancel a locked reserved order and return its units (stock and the user's count)."""
-    _counted(3)
+    count_queries(3)
     closed = await conn.fetchrow(
         f"""
         UPDATE orders SET status = $2, closed_at = $3, held_by = NULL, held_until = NULL
@@ -219,7 +116,7 @@ async def set_hold(
     conn: Connection, order_id: UUID, *, payment_id: UUID | None, until: datetime | None
 ) -> Any:
     """Set (or clear, with None) the payment hold of a locked order."""
-    _counted()
+    count_queries()
     return await conn.fetchrow(
         f"""
         UPDATE orders SET held_by = $2, held_until = $3 WHERE id = $1
@@ -233,7 +130,7 @@ async def set_hold(
 
 async def mark_paid(conn: Connection, order_id: UUID, *, payment_id: UUID, now: datetime) -> Any:
     """Turn a locked reserved order into a paid one."""
-    _counted()
+    count_queries()
     return await conn.fetchrow(
         f"""
         UPDATE orders SET status = 'paid', paid_by = $2, closed_at = $3,
@@ -314,153 +211,6 @@ async def expire_due(conn: Connection, *, now: datetime, limit: int) -> list[Any
         [per_user[k] for k in keys],
     )
     return rows
-
-
-# --- idempotency keys -------------------------------------------------------
-
-
-async def claim_idempotency_key(
-    conn: Executor,
-    *,
-    user_id: str,
-    scope: str,
-    key: str,
-    request_hash: bytes,
-    order_id: UUID,
-    now: datetime,
-    locked_until: datetime,
-    expires_at: datetime,
-) -> bool:
-    """Insert a new key record (in flight); False when the key already exists."""
-    _counted()
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO idempotency_keys (user_id, scope, key, request_hash, order_id,
-                                      locked_until, created_at, expires_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-        ON CONFLICT DO NOTHING
-        RETURNING true
-        """,
-        user_id,
-        scope,
-        key,
-        request_hash,
-        order_id,
-        locked_until,
-        now,
-        expires_at,
-    )
-    return bool(inserted)
-
-
-async def fetch_idempotency_key(conn: Executor, *, user_id: str, scope: str, key: str) -> Any:
-    _counted()
-    return await conn.fetchrow(
-        """
-        SELECT request_hash, order_id, response_status, response_body, locked_until, expires_at
-        FROM idempotency_keys WHERE user_id = $1 AND scope = $2 AND key = $3
-        """,
-        user_id,
-        scope,
-        key,
-    )
-
-
-async def take_over_idempotency_key(
-    conn: Executor,
-    *,
-    user_id: str,
-    scope: str,
-    key: str,
-    now: datetime,
-    locked_until: datetime,
-) -> bool:
-    """Take an in-flight key whose lock lapsed (its first worker died)."""
-    _counted()
-    taken = await conn.fetchval(
-        """
-        UPDATE idempotency_keys SET locked_until = $5
-        WHERE user_id = $1 AND scope = $2 AND key = $3
-          AND response_status IS NULL AND locked_until <= $4 AND expires_at > $4
-        RETURNING true
-        """,
-        user_id,
-        scope,
-        key,
-        now,
-        locked_until,
-    )
-    return bool(taken)
-
-
-async def unlock_idempotency_key(
-    conn: Executor, *, user_id: str, scope: str, key: str, now: datetime
-) -> None:
-    """Let a retry take an unfinished key over at once (its attempt failed)."""
-    _counted()
-    await conn.execute(
-        """
-        UPDATE idempotency_keys SET locked_until = $4
-        WHERE user_id = $1 AND scope = $2 AND key = $3 AND response_status IS NULL
-        """,
-        user_id,
-        scope,
-        key,
-        now,
-    )
-
-
-async def delete_idempotency_key(
-    conn: Executor, *, user_id: str, scope: str, key: str, only_expired_at: datetime | None = None
-) -> None:
-    """Forget a key (after a failure nobody should replay, or once it expired)."""
-    _counted()
-    await conn.execute(
-        """
-        DELETE FROM idempotency_keys WHERE user_id = $1 AND scope = $2 AND key = $3
-          AND ($4::timestamptz IS NULL OR expires_at <= $4)
-        """,
-        user_id,
-        scope,
-        key,
-        only_expired_at,
-    )
-
-
-async def store_idempotent_response(
-    conn: Executor, *, user_id: str, scope: str, key: str, status: int, body: bytes
-) -> None:
-    _counted()
-    await conn.execute(
-        """
-        UPDATE idempotency_keys SET response_status = $4, response_body = $5
-        WHERE user_id = $1 AND scope = $2 AND key = $3
-        """,
-        user_id,
-        scope,
-        key,
-        status,
-        body,
-    )
-
-
-async def purge_idempotency_keys(conn: Executor, *, now: datetime, limit: int) -> int:
-    """Delete up to `limit` expired keys; return how many."""
-    result = await conn.fetchval(
-        """
-        WITH gone AS (
-            DELETE FROM idempotency_keys WHERE ctid IN (
-                SELECT ctid FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2
-            ) RETURNING 1
-        ) SELECT count(*) FROM gone
-        """,
-        now,
-        limit,
-    )
-    return int(result)
-
-
-# --- gate sources and the invariant ----------------------------------------
 
 
 async def fetch_gate_products(conn: Executor, product_ids: list[int] | None) -> list[Any]:
