@@ -97,15 +97,16 @@ async def create_order(
         )
         return 201, serialize(orders.order_document(row))
 
-    reply = await run_once(
-        pool=state.db,
-        settings=inv.settings,
-        user_id=caller.user_id,
-        scope=SCOPE_CREATE_ORDER,
-        key=idempotency_key,
-        fingerprint=request_hash(body.model_dump()),
-        action=action,
-    )
+    async with orders.postgres_guard():
+        reply = await run_once(
+            pool=state.db,
+            settings=inv.settings,
+            user_id=caller.user_id,
+            scope=SCOPE_CREATE_ORDER,
+            key=idempotency_key,
+            fingerprint=request_hash(body.model_dump()),
+            action=action,
+        )
     headers = {REPLAYED_HEADER: "true"} if reply.replayed else None
     return _json(reply.body, reply.status, headers)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -72,6 +74,15 @@ def _gate_down(exc: Exception) -> UpstreamUnavailable:
 def _db_down(exc: Exception) -> UpstreamUnavailable:
     log.warning("postgres unavailable on the order path", extra={"error": str(exc)})
     return UpstreamUnavailable("the order database is unavailable", status=503, retry_after_s=1)
+
+
+@asynccontextmanager
+async def postgres_guard() -> AsyncIterator[None]:
+    """Turn "Postgres did not answer" into 503 upstream-unavailable (never a bare 500)."""
+    try:
+        yield
+    except PG_UNAVAILABLE as exc:
+        raise _db_down(exc) from None
 
 
 def refuse_if_flagged(inv: Inventory, product_id: int) -> None:
@@ -241,7 +252,7 @@ async def get_order(*, inv: Inventory, user_id: str, order_id: UUID) -> Any:
 async def cancel_order(*, inv: Inventory, user_id: str, order_id: UUID) -> Any:
     """Cancel the owner's reserved order; its units return once. Idempotent."""
     now = datetime.now(UTC)
-    async with inv.pool.acquire() as conn, conn.transaction():
+    async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
         row = await storage.fetch_order(conn, order_id, for_update=True)
         if row is None or row["user_id"] != user_id:
             raise NotFound(f"order {order_id} does not exist")
@@ -312,7 +323,8 @@ def _why_not_payable(row: Any, payment_id: UUID, now: datetime) -> str | None:
 
 
 async def internal_get(*, inv: Inventory, order_id: UUID) -> Any:
-    row = await storage.fetch_order(inv.pool, order_id)
+    async with postgres_guard():
+        row = await storage.fetch_order(inv.pool, order_id)
     if row is None:
         raise NotFound(f"order {order_id} does not exist")
     return row
@@ -321,7 +333,7 @@ async def internal_get(*, inv: Inventory, order_id: UUID) -> Any:
 async def hold_order(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
     """Hold a reserved order for a payment so the sweeper leaves it alone meanwhile."""
     now = datetime.now(UTC)
-    async with inv.pool.acquire() as conn, conn.transaction():
+    async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
         row = await _locked(conn, order_id)
         why = _why_not_payable(row, payment_id, now)
         if why is not None:
@@ -335,7 +347,7 @@ async def hold_order(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any
 async def mark_order_paid(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
     """The payment succeeded: the order becomes paid (idempotent per payment)."""
     now = datetime.now(UTC)
-    async with inv.pool.acquire() as conn, conn.transaction():
+    async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
         row = await _locked(conn, order_id)
         why = _why_not_payable(row, payment_id, now)
         if why is not None:
@@ -352,7 +364,7 @@ async def mark_order_paid(*, inv: Inventory, order_id: UUID, payment_id: UUID) -
 
 async def release_hold(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
     """The payment failed: drop its hold (no-op unless this payment holds the order)."""
-    async with inv.pool.acquire() as conn, conn.transaction():
+    async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
         row = await _locked(conn, order_id)
         if row["status"] != "reserved" or row["held_by"] != payment_id:
             return row

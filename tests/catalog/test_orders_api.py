@@ -345,3 +345,23 @@ async def test_openapi_lists_the_order_routes(orders_app: OrdersApp) -> None:
     assert {"201", "401", "404", "409", "413", "422", "503"} <= set(post["responses"])
     assert "application/problem+json" in post["responses"]["409"]["content"]
     assert "Order" in schema["components"]["schemas"]
+
+
+async def test_redis_down_is_503_fast_not_a_postgres_storm(settings_kwargs: dict[str, Any]) -> None:
+    """Without the gate the order path fails fast with 503 + Retry-After."""
+    from services.catalog.app import create_app
+    from tests.catalog.conftest import order_settings
+    from tests.support.asgi import client_for
+    from tests.support.servers import free_port
+
+    down = {**settings_kwargs, "redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+    app = create_app(order_settings(down, redis_timeout_s=0.5))
+    async with client_for(app) as client:
+        pg_before = sample("shopstack_order_pg_queries_total")
+        resp = await client.post(
+            "/api/v1/orders", json={"product_id": 1, "quantity": 1}, headers=new_user()
+        )
+        assert_problem(resp, 503, "upstream-unavailable")
+        assert resp.headers["retry-after"] == "1"
+        assert sample("shopstack_order_pg_queries_total") == pg_before
+        assert (await client.get("/readyz")).status_code == 503
