@@ -308,8 +308,10 @@ class Gateway:
             extra["X-User-Id"] = user.user_id
             extra["X-User-Role"] = user.role
         method = scope["method"]
+        # aiohttp itself resends an idempotent method once when its connection dies before
+        # the answer (RFC 9112 9.3.1); a POST is resent once only with an Idempotency-Key.
         has_key = header_value(scope, b"idempotency-key") is not None
-        may_retry = method in IDEMPOTENT_METHODS or has_key
+        may_retry = has_key and method not in IDEMPOTENT_METHODS
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path_qs = raw_path.decode("latin-1")
         if scope.get("query_string"):
