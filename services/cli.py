@@ -34,7 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         APP_FACTORIES[service],
         address=settings.host,
         port=settings.listen_port,
-        interface=Interfaces.ASGI,
+        # The gateway speaks RSGI (about 2x ASGI's request rate here); the FastAPI services ASGI.
+        interface=Interfaces.RSGI if service == "gateway" else Interfaces.ASGI,
         workers=settings.workers,
         factory=True,
         loop=Loops.uvloop,

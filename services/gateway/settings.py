@@ -29,6 +29,19 @@ class GatewaySettings(CommonSettings):
     gateway_write_timeout_s: float = Field(default=10.0, gt=0, le=120)
     gateway_small_body_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)
 
+    # Hot path: micro-cache of product detail, sold-out flags, load shedding.
+    gateway_microcache_ttl_s: float = Field(default=0.8, ge=0, le=1.0)
+    gateway_microcache_entries: int = Field(default=20_000, ge=1, le=1_000_000)
+    gateway_sold_out_ttl_s: float = Field(default=1.0, ge=0, le=10.0)
+    gateway_max_in_flight: int = Field(default=512, ge=1, le=100_000)
+    gateway_token_cache_entries: int = Field(default=50_000, ge=0, le=1_000_000)
+
+    # Write routes (orders, payments, events): token buckets per user and per client IP.
+    write_user_rate_per_s: float = Field(default=10.0, gt=0)
+    write_user_burst: int = Field(default=20, ge=1)
+    write_ip_rate_per_s: float = Field(default=1000.0, gt=0)
+    write_ip_burst: int = Field(default=2000, ge=1)
+
     jwt_issuer: str = "shopstack"
     jwt_audience: str = "shopstack-api"
     jwt_ttl_s: int = Field(default=900, ge=60, le=900)
