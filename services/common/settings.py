@@ -96,6 +96,12 @@ class CommonSettings(BaseSettings):
         le=600,
         description="time a client has to send a whole request body (408 beyond)",
     )
+    max_header_bytes: int = Field(
+        default=16_384,
+        ge=8192,
+        le=1_048_576,
+        description="request line plus headers; larger (or > 100 headers) gets 431",
+    )
     header_read_timeout_ms: int = Field(
         default=10_000,
         ge=100,
