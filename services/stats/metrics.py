@@ -41,7 +41,12 @@ FLUSH_LATENCY = Histogram(
 )
 STREAM_LENGTH = Gauge(
     "shopstack_stats_stream_length",
-    "Entries in the event stream (unacknowledged plus not yet trimmed).",
+    "Entries (accepted batches) in the event stream, unacknowledged plus not yet trimmed.",
+    multiprocess_mode="livemax",
+)
+BACKLOG_EVENTS = Gauge(
+    "shopstack_stats_backlog_events",
+    "Events accepted and not yet acknowledged (the budget SHOPSTACK_STATS_MAX_BACKLOG caps).",
     multiprocess_mode="livemax",
 )
 PENDING = Gauge(

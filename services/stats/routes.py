@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -48,7 +47,7 @@ _EVENTS_BODY = {
 }
 
 
-def stats_state(request: Request) -> StatsState:
+async def stats_state(request: Request) -> StatsState:
     state: StatsState = request.state.app_state
     return state
 
@@ -76,7 +75,7 @@ async def post_events(request: Request, state: State) -> Response:
         stream=state.stream,
         body=body,
         ts_range=TimeRange(
-            datetime.now(UTC),
+            time.time_ns() // 1000,
             max_future_s=settings.stats_max_future_s,
             max_age_s=settings.stats_max_age_s,
         ),

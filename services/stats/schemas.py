@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
-from uuid import UUID
 
 from pydantic import (
     AwareDatetime,
@@ -13,14 +12,13 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
-    ValidationInfo,
-    field_validator,
 )
 
 MAX_ID = 2**63 - 1
 MAX_EVENTS = 1000
 MAX_USER_ID_CHARS = 128
 EventType = Literal["view", "cart", "purchase"]
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 class Metric(StrEnum):
@@ -34,7 +32,14 @@ class EventIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    event_id: Annotated[UUID, Field(description="Client-made id; the event is stored once per id")]
+    event_id: Annotated[
+        str,
+        Field(
+            pattern=UUID_PATTERN,
+            description="Client-made UUID (8-4-4-4-12 hex, any case); stored once per id",
+            json_schema_extra={"format": "uuid"},
+        ),
+    ]
     type: EventType
     product_id: Annotated[int, Field(ge=1, le=MAX_ID)]
     user_id: Annotated[
@@ -52,31 +57,6 @@ class EventIn(BaseModel):
             "and SHOPSTACK_STATS_MAX_AGE_S old"
         ),
     ]
-
-    @field_validator("ts")
-    @classmethod
-    def _ts_in_range(cls, ts: datetime, info: ValidationInfo) -> datetime:
-        # The accepted range comes from the caller (TimeRange in the context): it moves with now.
-        bounds = info.context.get("ts_range") if isinstance(info.context, dict) else None
-        if isinstance(bounds, TimeRange):
-            bounds.check(ts)
-        return ts
-
-
-class TimeRange:
-    """The event times accepted now: at most `max_future_s` ahead, `max_age_s` old."""
-
-    def __init__(self, now: datetime, *, max_future_s: int, max_age_s: int) -> None:
-        self.latest = now + timedelta(seconds=max_future_s)
-        self.earliest = now - timedelta(seconds=max_age_s)
-        self.max_future_s = max_future_s
-        self.max_age_s = max_age_s
-
-    def check(self, ts: datetime) -> None:
-        if ts > self.latest:
-            raise ValueError(f"ts is more than {self.max_future_s} s in the future")
-        if ts < self.earliest:
-            raise ValueError(f"ts is more than {self.max_age_s} s in the past")
 
 
 EventBatch = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)]
@@ -116,3 +96,21 @@ class TopStats(BaseModel):
     items: list[TopItem]
     from_: datetime = Field(alias="from")
     to: datetime
+
+
+class TimeRange:
+    """The event times accepted now: at most `max_future_s` ahead, `max_age_s` old."""
+
+    def __init__(self, now_us: int, *, max_future_s: int, max_age_s: int) -> None:
+        self.latest_us = now_us + max_future_s * 1_000_000
+        self.earliest_us = now_us - max_age_s * 1_000_000
+        self.max_future_s = max_future_s
+        self.max_age_s = max_age_s
+
+    def problem(self, ts_us: int) -> str | None:
+        """Why an event time (epoch microseconds) is refused, or None."""
+        if ts_us > self.latest_us:
+            return f"ts is more than {self.max_future_s} s in the future"
+        if ts_us < self.earliest_us:
+            return f"ts is more than {self.max_age_s} s in the past"
+        return None

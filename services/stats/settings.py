@@ -18,9 +18,11 @@ class StatsSettings(CommonSettings):
     stats_dead_letter_stream: str = Field(default="stats:events:dead", min_length=1, max_length=200)
     stats_key_prefix: str = Field(default="stats:agg", min_length=1, max_length=200)
 
-    # Admission: refuse (503 overloaded) rather than let the stream hold more than this
-    # many entries; every entry is one event, so this bounds Redis memory for the backlog.
+    # Admission: refuse (503 overloaded) rather than let more than this many accepted
+    # events wait unacknowledged (this bounds the Redis memory of the backlog)...
     stats_max_backlog: int = Field(default=500_000, ge=1000, le=100_000_000)
+    # ...and while the oldest unacknowledged entry is older than this (0: no lag budget).
+    stats_max_lag_s: float = Field(default=10.0, ge=0, le=3600)
     stats_retry_after_s: int = Field(default=2, ge=1, le=300)
 
     # Accepted event timestamps: at most this far in the future / in the past.
@@ -29,6 +31,9 @@ class StatsSettings(CommonSettings):
 
     # Writer: one per worker process, in one consumer group.
     stats_writer_enabled: bool = True
+    # Consumers per process, each with its own Postgres connection, so one batch's
+    # round trips overlap another's.
+    stats_consumers_per_process: int = Field(default=2, ge=1, le=16)
     stats_batch_size: int = Field(default=500, ge=1, le=5000)
     stats_flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     stats_claim_min_idle_s: float = Field(default=30.0, ge=0.1, le=3600)

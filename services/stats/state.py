@@ -43,9 +43,9 @@ class StatsState(DataState):
 async def open_stats_state(settings: StatsSettings) -> AsyncIterator[StatsState]:
     """Open pool and client; run this process's writer while the app serves."""
     async with open_data_state(settings) as base:
-        writer = Writer(settings=settings, pool=base.db) if settings.stats_writer_enabled else None
+        writer = Writer(settings) if settings.stats_writer_enabled else None
         if writer is not None:
-            await writer.start()
+            writer.start()
         try:
             yield StatsState(base, settings, writer)
         finally:
