@@ -34,7 +34,7 @@ from services.stats.writer import BatchWriter
 
 log = logging.getLogger("shopstack.stats.writer")
 
-_BLOCK_MS_MAX = 500
+_BLOCK_MS_MAX = 200  # also how long a stop request may wait for a read
 _READ_COUNT_MAX = 20  # entries per read (an entry holds <= 1000 events)
 _START_TIMEOUT_S = 10.0
 
