@@ -96,18 +96,13 @@ def fast_settings(settings_kwargs: dict[str, Any], names: Names, **overrides: An
 
 
 @pytest.fixture
-async def stats_app(
-    settings_kwargs: dict[str, Any], names: Names
-) -> AsyncIterator[Callable[..., Any]]:
+def stats_app(settings_kwargs: dict[str, Any], names: Names) -> Callable[..., Any]:
     """Open the stats app in-process (with its writer) with settings overrides."""
-    opened: list[Any] = []
 
     def open_app(**overrides: Any) -> Any:
-        cm = client_for(create_app(fast_settings(settings_kwargs, names, **overrides)))
-        opened.append(cm)
-        return cm
+        return client_for(create_app(fast_settings(settings_kwargs, names, **overrides)))
 
-    yield open_app
+    return open_app
 
 
 @pytest.fixture
