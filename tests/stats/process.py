@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import psutil
@@ -69,28 +70,12 @@ class StatsProcess:
             self.process.wait(10)
 
 
-def start_stats(
-    env: dict[str, str], log_path: Path, *, workers: int = 1, timeout_s: float = 30.0
-) -> StatsProcess:
+def start_stats(env: dict[str, str], log_path: Path, *, timeout_s: float = 30.0) -> StatsProcess:
     """Start `shopstack serve stats` on a free port and wait until /readyz answers 200."""
     port = free_port()
     prom_dir = log_path.parent / f"prometheus-{port}"
-    log = log_path.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "stats"],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            **env,
-            "PYTHONPATH": str(ROOT),
-            "SHOPSTACK_PORT": str(port),
-            "SHOPSTACK_WORKERS": str(workers),
-            "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
-        },
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        proc = _spawn(env, port, prom_dir, log)
     running = StatsProcess(proc, port, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -104,3 +89,23 @@ def start_stats(
         time.sleep(0.1)
     running.ensure_stopped()
     raise TimeoutError(f"stats not ready:\n{running.log()}")
+
+
+def _spawn(
+    env: dict[str, str], port: int, prom_dir: Path, log: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "stats"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "SHOPSTACK_WORKERS": "1",
+            **env,
+            "PYTHONPATH": str(ROOT),
+            "SHOPSTACK_PORT": str(port),
+            "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

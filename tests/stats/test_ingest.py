@@ -108,6 +108,7 @@ BAD_BODIES: dict[str, bytes] = {
 async def test_invalid_events_reject_the_whole_batch(
     ingest_only: httpx.AsyncClient, rds: aioredis.Redis, names: Names, case: str
 ) -> None:
+    """IN-10 style: wrong types, unknown fields, bad ids and times refuse the whole batch."""
     raw, failing = BAD_BATCHES[case]
     before = await rds.xlen(names.stream) if await rds.exists(names.stream) else 0
     resp = await ingest_only.post("/api/v1/events", content=raw, headers=JSON)
@@ -124,6 +125,7 @@ async def test_invalid_events_reject_the_whole_batch(
 async def test_malformed_bodies_are_clean_4xx(
     ingest_only: httpx.AsyncClient, rds: aioredis.Redis, names: Names, case: str
 ) -> None:
+    """IN-3: malformed JSON, NaN, 1e400, deep nesting, bad UTF-8: only 4xx, never a 500."""
     resp = await ingest_only.post("/api/v1/events", content=BAD_BODIES[case], headers=JSON)
     assert resp.status_code in (400, 413, 422), resp.text
     assert resp.headers["content-type"] == "application/problem+json"
@@ -168,6 +170,7 @@ async def test_upper_case_uuids_are_one_event(
 async def test_oversized_body_is_413_and_stores_nothing(
     ingest_only: httpx.AsyncClient, rds: aioredis.Redis, names: Names
 ) -> None:
+    """IN-2: 1 MiB + 1 B with Content-Length, and the same chunked: 413, nothing stored."""
     padding = "x" * 128
     events = [event(1, user_id=padding[:120]) for _ in range(1000)]
     raw = body(events)
