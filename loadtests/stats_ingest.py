@@ -92,32 +92,45 @@ class Phase:
     cpu_cores: dict[str, float] = field(default_factory=dict)  # cores busy, by component
 
 
-def cpu_seconds(stats_pid: int | None) -> dict[str, float]:
-    """CPU seconds used so far by this load generator, the stats server, Postgres, Redis.
+def cpu_snapshot(stats_pid: int | None) -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far per process: (component, seconds) by pid.
 
-    Postgres and Redis are counted whole: on a shared machine they also serve others.
+    Components: this load generator, the stats server, Postgres, Redis. Postgres and
+    Redis are counted whole: on a shared machine they also serve others.
     """
-    totals = {"loadgen": 0.0, "stats": 0.0, "postgres": 0.0, "redis": 0.0}
-    me = psutil.Process()
-    times = me.cpu_times()
-    totals["loadgen"] = times.user + times.system
     stats_pids: set[int] = set()
     if stats_pid is not None:
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(stats_pid)
             stats_pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
+    snapshot: dict[int, tuple[str, float]] = {}
+    me = os.getpid()
     for proc in psutil.process_iter(["name", "cpu_times"]):
-        cpu = proc.info["cpu_times"]
+        cpu, name = proc.info["cpu_times"], proc.info["name"] or ""
         if cpu is None:
             continue
-        used = cpu.user + cpu.system
-        if proc.pid in stats_pids:
-            totals["stats"] += used
-        elif proc.info["name"] and proc.info["name"].startswith("postgres"):
-            totals["postgres"] += used
-        elif proc.info["name"] and proc.info["name"].startswith("redis-server"):
-            totals["redis"] += used
-    return totals
+        if proc.pid == me:
+            component = "loadgen"
+        elif proc.pid in stats_pids:
+            component = "stats"
+        elif name.startswith("postgres"):
+            component = "postgres"
+        elif name.startswith("redis-server"):
+            component = "redis"
+        else:
+            continue
+        snapshot[proc.pid] = (component, cpu.user + cpu.system)
+    return snapshot
+
+
+def cpu_used(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds per component between two snapshots (processes born meanwhile count whole)."""
+    used = {"loadgen": 0.0, "stats": 0.0, "postgres": 0.0, "redis": 0.0}
+    for pid, (component, seconds) in after.items():
+        used[component] += seconds - before.get(pid, (component, 0.0))[1]
+    return used
 
 
 class RssSampler:
@@ -241,7 +254,7 @@ async def send_phase(
                 await asyncio.sleep(0.5)
 
         watcher = asyncio.create_task(watch_lag())
-        cpu_before = cpu_seconds(args.pid)
+        cpu_before = cpu_snapshot(args.pid)
         start_db = await pg_now(conn)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -269,10 +282,9 @@ async def send_phase(
             await asyncio.gather(*in_flight)
         end_db = await pg_now(conn)
         phase.seconds = loop.time() - started
-        cpu_after = cpu_seconds(args.pid)
+        used = cpu_used(cpu_before, cpu_snapshot(args.pid))
         phase.cpu_cores = {
-            name: round((cpu_after[name] - cpu_before[name]) / phase.seconds, 2)
-            for name in cpu_after
+            name: round(seconds / phase.seconds, 2) for name, seconds in used.items()
         }
         # Let the writer catch up with what was accepted, then measure from Postgres.
         deadline = loop.time() + 60
@@ -362,10 +374,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await measure_copy()
         with RssSampler(args.pid) as rss:
             best = Phase("max")
-            await send_phase(args, conn, best, rate=None)
+            if not args.skip_max:
+                await send_phase(args, conn, best, rate=None)
             await measure_copy()
             paced = Phase("paced")
-            paced.target_per_s = best.durable_per_s * args.paced_fraction
+            paced.target_per_s = args.paced_rate or best.durable_per_s * args.paced_fraction
             await send_phase(args, conn, paced, rate=paced.target_per_s)
             rss.sample()
         await measure_copy()
@@ -406,11 +419,18 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--paced-fraction", type=float, default=0.8)
+    parser.add_argument(
+        "--paced-rate", type=float, help="events/s of the paced phase (else a fraction of max)"
+    )
+    parser.add_argument(
+        "--skip-max", action="store_true", help="only the paced phase (needs --paced-rate)"
+    )
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--users", type=int, default=50_000)
     parser.add_argument("--copy-rows", type=int, default=200_000)
     parser.add_argument("--copy-chunk", type=int, default=10_000)
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--dump-metrics", type=Path, help="save the service's /metrics at the end")
     args = parser.parse_args()
     proc = None
     if args.spawn:
@@ -423,6 +443,11 @@ def main() -> int:
         result = asyncio.run(run(args))
     finally:
         if proc is not None:
+            if args.metrics_url and args.dump_metrics:
+                import urllib.request
+
+                with urllib.request.urlopen(args.metrics_url, timeout=5) as resp:  # noqa: S310
+                    args.dump_metrics.write_bytes(resp.read())
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(20)

@@ -33,7 +33,7 @@ class StatsSettings(CommonSettings):
     stats_writer_enabled: bool = True
     # Consumers per process, each with its own Postgres connection, so one batch's
     # round trips overlap another's.
-    stats_consumers_per_process: int = Field(default=2, ge=1, le=16)
+    stats_consumers_per_process: int = Field(default=4, ge=1, le=16)
     stats_batch_size: int = Field(default=500, ge=1, le=5000)
     stats_flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     stats_claim_min_idle_s: float = Field(default=30.0, ge=0.1, le=3600)
