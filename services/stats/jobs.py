@@ -16,6 +16,7 @@ for up to `stats_shutdown_drain_s`, and leaves the group if it owns nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -58,7 +59,7 @@ class Writer:
         """Start the thread and wait until its loop runs."""
         self._thread = threading.Thread(target=self._thread_main, name="stats-writer", daemon=True)
         self._thread.start()
-        if not self._started.wait(_START_TIMEOUT_S):
+        if not self._started.wait(_START_TIMEOUT_S) or self._stopping is None:
             raise RuntimeError("the stats writer thread did not start")
         log.info("writer started", extra={"consumers": self.consumers})
 
@@ -71,7 +72,7 @@ class Writer:
         thread, loop, stopping = self._thread, self._loop, self._stopping
         if thread is None or loop is None or stopping is None:
             return
-        if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop already closed: it is stopping
             loop.call_soon_threadsafe(stopping.set)
         bound = self.settings.stats_shutdown_drain_s + 2 * self.settings.db_command_timeout_s + 3
         await asyncio.to_thread(thread.join, bound)
@@ -89,6 +90,7 @@ class Writer:
         except Exception:
             log.exception("writer thread failed")
         finally:
+            self._started.set()  # never leave start() waiting on a thread that died early
             loop.close()
 
     async def _main(self) -> None:
