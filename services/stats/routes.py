@@ -67,8 +67,10 @@ Window = Query(ge=1, le=3600, description="Seconds of event time, ending now")
         503: _problem(503, "overloaded", "the event backlog is over its budget"),
     },
 )
-async def post_events(request: Request, state: State) -> Response:
+async def post_events(request: Request) -> Response:
     """Accept 1..1000 events whole (202), or none of them."""
+    # The hot path: no dependency to solve, the state is read straight off the request.
+    state: StatsState = request.state.app_state
     body = await request.body()
     settings = state.stats_settings
     accepted = await domain.ingest(
