@@ -169,8 +169,9 @@ class RssSampler:
             self._task.cancel()
 
 
-async def raw_copy(dsn: str, rows: int, chunk: int, products: int) -> tuple[float, str]:
-    """Rows per second of plain binary COPY into stats_events; the rows are deleted after."""
+async def raw_copy(dsn: str, rows: int, chunk: int, products: int) -> tuple[float, float]:
+    """Rows per second, and rows per CPU-second (client + Postgres), of plain binary COPY
+    into stats_events; the rows are deleted after."""
     conn = await asyncpg.connect(dsn)
     marker = f"raw-copy-{os.urandom(4).hex()}"
     ids = IdSource()
@@ -181,16 +182,19 @@ async def raw_copy(dsn: str, rows: int, chunk: int, products: int) -> tuple[floa
         for i in range(rows)
     ]
     try:
+        before = cpu_snapshot(None)
         started = time.perf_counter()
         for first in range(0, rows, chunk):
             await conn.copy_records_to_table(
                 "stats_events", records=data[first : first + chunk], columns=COLUMNS
             )
         elapsed = time.perf_counter() - started
+        used = cpu_used(before, cpu_snapshot(None))
         await conn.execute("DELETE FROM stats_events WHERE stream_id = $1", marker)
     finally:
         await conn.close()
-    return rows / elapsed, marker
+    busy = used["loadgen"] + used["postgres"]
+    return rows / elapsed, rows / busy if busy > 0 else 0.0
 
 
 async def pg_now(conn: asyncpg.Connection) -> datetime:
@@ -362,9 +366,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     copies: list[float] = []
     batched: list[float] = []
 
+    copy_cpu: list[float] = []
+
     async def measure_copy() -> None:
         # Chunks of --copy-chunk rows (the ceiling) and of --batch rows (one COPY per request).
-        copies.append((await raw_copy(args.dsn, args.copy_rows, args.copy_chunk, args.products))[0])
+        rate, per_cpu_s = await raw_copy(args.dsn, args.copy_rows, args.copy_chunk, args.products)
+        copies.append(rate)
+        # Rows per CPU-second of client and Postgres: the figure contention moves least.
+        copy_cpu.append(per_cpu_s)
         small = await raw_copy(args.dsn, args.copy_rows // 4, args.batch, args.products)
         batched.append(small[0])
 
@@ -385,12 +394,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await conn.close()
     copy_rate = statistics.median(copies)
+
+    def per_cpu(phase: Phase) -> float:
+        """Durable events per CPU-second of the whole pipeline (client, stats, Postgres, Redis)."""
+        cores = sum(phase.cpu_cores.values())
+        return phase.durable_per_s / cores if cores > 0 else 0.0
+
     return {
         "raw_copy_rows_per_s": round(copy_rate),
         "raw_copy_rounds": [round(c) for c in copies],
         "raw_copy_per_batch_rows_per_s": round(statistics.median(batched)),
         "ratio_to_raw_copy": round(best.durable_per_s / copy_rate, 3),
         "ratio_to_best_raw_copy": round(best.durable_per_s / max(copies), 3),
+        "raw_copy_rows_per_cpu_s": round(statistics.median(copy_cpu)),
+        "service_events_per_cpu_s": round(per_cpu(best)),
+        "ratio_per_cpu_s": round(per_cpu(best) / statistics.median(copy_cpu), 3),
         "phases": [asdict(best), asdict(paced)],
         "stats_worker_rss_max_mb": round(rss.max_worker / 2**20, 1),
         "stats_total_rss_max_mb": round(rss.max_total / 2**20, 1),

@@ -110,6 +110,7 @@ class Writer:
             for name in self.consumers
         ]
         self._started.set()
+        log.info("writer thread running", extra={"native_thread_id": threading.get_native_id()})
         try:
             await asyncio.gather(
                 self._maintain_loop(writers[0]),
