@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shutil.rmtree(prom_dir, ignore_errors=True)
     Path(prom_dir).mkdir(parents=True, exist_ok=True)
 
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.server import Server
 
@@ -39,9 +39,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         factory=True,
         loop=Loops.uvloop,
         websockets=False,
-        backlog=2048,
+        http=HTTPModes.http1 if settings.granian_http1_only else HTTPModes.auto,
+        backlog=settings.granian_backlog,
+        backpressure=settings.granian_backpressure,
         http1_settings=HTTP1Settings(
-            header_read_timeout=settings.header_read_timeout_ms, keep_alive=True
+            header_read_timeout=settings.header_read_timeout_ms,
+            keep_alive=settings.granian_keep_alive,
         ),
         workers_kill_timeout=10,
         log_access=False,

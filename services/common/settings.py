@@ -64,6 +64,12 @@ class CommonSettings(BaseSettings):
     body_read_timeout_s: float = Field(default=30.0, gt=0, le=600)
     header_read_timeout_ms: int = Field(default=10_000, ge=100, le=60_000)
 
+    # granian options for `shopstack serve` (a service may change its defaults).
+    granian_backlog: int = Field(default=2048, ge=128, le=65_535)
+    granian_backpressure: int | None = Field(default=None, ge=1, le=100_000)
+    granian_http1_only: bool = False
+    granian_keep_alive: bool = True
+
     log_level: str = "INFO"
     json_logs: bool = True
 
