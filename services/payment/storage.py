@@ -89,13 +89,12 @@ async def delete_unfinished_key(conn: Executor, *, user_id: str, key: str) -> No
 
 
 async def expire_keys(conn: Executor, *, ttl_s: int, limit: int) -> int:
-    """Delete finished keys older than the TTL; return how many went."""
+    """Delete keys older than the TTL (finished or abandoned); return how many went."""
     result = await conn.execute(
         """
         DELETE FROM idempotency_keys WHERE ctid IN (
             SELECT ctid FROM idempotency_keys
             WHERE created_at < clock_timestamp() - make_interval(secs => $1)
-              AND completed_at IS NOT NULL
             LIMIT $2)
         """,
         float(ttl_s),
