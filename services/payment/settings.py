@@ -67,6 +67,8 @@ class PaymentSettings(CommonSettings):
     granian_backpressure: int | None = Field(default=256, ge=1, le=100_000)
     granian_http1_only: bool = True
     header_read_timeout_ms: int = Field(default=5_000, ge=100, le=60_000)
+    # Payment bodies are a few hundred bytes; refuse anything large before reading it.
+    max_body_bytes: int = Field(default=65_536, ge=1024, le=1_048_576)
 
     @model_validator(mode="after")
     def _payment_checks(self) -> PaymentSettings:

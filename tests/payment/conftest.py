@@ -12,10 +12,11 @@ import asyncpg
 import httpx
 import pytest
 
+from services.common.migrations import apply_migrations
 from services.payment.settings import PaymentSettings
 from tests.payment.catalog_standin import CatalogStandIn
 from tests.psp_sandbox.process import WEBHOOK_SECRET, ServiceProcess, start_service
-from tests.support.servers import free_port
+from tests.support.servers import create_database, drop_database, free_port
 
 # Timers shortened so the unknown-outcome paths settle within a test's patience.
 PAYMENT_ENV = {
@@ -47,6 +48,35 @@ class FakeClock:
 
 
 @pytest.fixture(scope="session")
+def database_url(servers: tuple[str, str]) -> Iterator[str]:
+    """A database of payment's own: other suites run whole stacks (with their own payment
+    relay and settle jobs) against the shared test database, which would race ours."""
+    admin_dsn = servers[0]
+    dsn = asyncio.run(create_database(admin_dsn))
+    asyncio.run(apply_migrations(dsn))
+    yield dsn
+    asyncio.run(drop_database(admin_dsn, dsn))
+
+
+@pytest.fixture(scope="session")
+def settings_kwargs(database_url: str, redis_url: str) -> dict[str, Any]:
+    return {"database_url": database_url, "redis_url": redis_url, "log_level": "WARNING"}
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def psp_key_prefix() -> str:
+    """Sandbox Redis keys of our own (a whole-stack sandbox may share the Redis db)."""
+    return f"psp-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(scope="session")
 def payment_port() -> int:
     return free_port()
 
@@ -61,7 +91,10 @@ async def standin() -> AsyncIterator[CatalogStandIn]:
 
 @pytest.fixture(scope="session")
 def psp_process(
-    redis_url: str, payment_port: int, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str,
+    payment_port: int,
+    psp_key_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
     proc = start_service(
         "psp_sandbox",
@@ -74,6 +107,7 @@ def psp_process(
             "SHOPSTACK_PSP_CALLBACK_BACKOFF_S": "0.2",
             "SHOPSTACK_PSP_CALLBACK_MAX_ATTEMPTS": "30",
             "SHOPSTACK_PSP_HANG_S": "10",
+            "SHOPSTACK_PSP_KEY_PREFIX": psp_key_prefix,
         },
         run_dir=tmp_path_factory.mktemp("psp"),
     )

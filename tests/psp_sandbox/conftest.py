@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,8 @@ def sandbox(
             "SHOPSTACK_PSP_CALLBACK_URL": receiver.url,
             "SHOPSTACK_PSP_CALLBACK_BACKOFF_S": "0.1",
             "SHOPSTACK_PSP_HANG_S": "5",
-            "SHOPSTACK_PSP_KEY_PREFIX": "psptest:",
+            # Keys of our own: a whole-stack sandbox may share this Redis db.
+            "SHOPSTACK_PSP_KEY_PREFIX": f"psptest-{uuid.uuid4().hex[:8]}:",
         },
         run_dir=tmp_path_factory.mktemp("sandbox"),
     )
