@@ -75,10 +75,11 @@ async def apply_outcome(
     reason: str | None,
     source: str,
 ) -> Any:
-    """Move a payment forward and queue its catalog message, inside the caller's transaction.
+    """Move a payment forward and queue its catalog message, in one statement.
 
     Returns the updated row, or None when the payment was already at or past `status`.
     """
+    outbox_kind = {"succeeded": "paid", "failed": "release"}.get(status)
     row = await storage.transition(
         conn,
         payment_id=payment_id,
@@ -86,13 +87,10 @@ async def apply_outcome(
         from_statuses=earlier_statuses(status),
         charge_id=charge_id,
         failure_reason=reason,
+        outbox_kind=outbox_kind,
     )
     if row is None:
         return None
-    if status == "succeeded":
-        await storage.insert_outbox(conn, payment_id=payment_id, order_id=order_id, kind="paid")
-    elif status == "failed":
-        await storage.insert_outbox(conn, payment_id=payment_id, order_id=order_id, kind="release")
     PAYMENT_OUTCOMES.labels(api_status(status), source).inc()
     return row
 
@@ -108,6 +106,23 @@ async def record_outcome(
     claim: KeyClaim | None = None,
 ) -> Any:
     """Apply an outcome, and store the idempotent response in the same transaction."""
+    if claim is None:
+        # One statement (payment + outbox), atomic without an explicit transaction.
+        changed = await apply_outcome(
+            state.db,
+            payment_id=payment["id"],
+            order_id=payment["order_id"],
+            status=status,
+            charge_id=charge_id,
+            reason=reason,
+            source=source,
+        )
+        row = (
+            changed if changed is not None else await storage.fetch_payment(state.db, payment["id"])
+        )
+        if changed is not None and status in FINAL:
+            state.outbox_wakeup.set()
+        return row
     async with state.db.acquire() as conn, conn.transaction():
         changed = await apply_outcome(
             conn,
@@ -119,10 +134,9 @@ async def record_outcome(
             source=source,
         )
         row = changed if changed is not None else await storage.fetch_payment(conn, payment["id"])
-        if claim is not None:
-            await idempotency.complete(
-                conn, claim, StoredResponse(201, JSON_HEADERS, payment_body(row))
-            )
+        await idempotency.complete(
+            conn, claim, StoredResponse(201, JSON_HEADERS, payment_body(row))
+        )
     if changed is not None and status in FINAL:
         state.outbox_wakeup.set()
     return row
@@ -154,12 +168,10 @@ async def create_payment(
                     state, payment=existing, status=existing["status"], source="resume", claim=claim
                 )
                 return payment_body(row)
-            return await charge(state, payment=existing, claim=claim)
+            return await charge(state, payment=existing, claim=claim, stamped=False)
 
     _refuse_if_breaker_open(state)
     order = await _load_order(state, caller=caller, order_id=order_id)
-    if await storage.order_has_succeeded_payment(state.db, order_id):
-        raise OrderNotPayable("this order is already paid")
     try:
         payment = await storage.insert_payment(
             state.db,
@@ -173,8 +185,10 @@ async def create_payment(
         )
     except asyncpg.UniqueViolationError:
         raise OrderNotPayable("a payment for this order is already in progress") from None
+    if payment is None:
+        raise OrderNotPayable("this order is already paid")
     await _hold(state, payment=payment)
-    return await charge(state, payment=payment, claim=claim)
+    return await charge(state, payment=payment, claim=claim, stamped=True)
 
 
 def _refuse_if_breaker_open(state: PaymentState) -> None:
@@ -249,15 +263,18 @@ async def _hold(state: PaymentState, *, payment: Any) -> None:
         ) from None
 
 
-async def charge(state: PaymentState, *, payment: Any, claim: KeyClaim | None) -> bytes:
+async def charge(
+    state: PaymentState, *, payment: Any, claim: KeyClaim | None, stamped: bool
+) -> bytes:
     """Charge the provider with the payment id as its idempotency key; record what we learn.
 
     A reply we could not read (timeout, connection lost, 5xx) is an unknown outcome:
     the payment stays pending for a callback or the settle job, never failed.
     """
-    await storage.note_charge_attempt(
-        state.db, payment_id=payment["id"], settle_after_s=state.config.payment_settle_after_s
-    )
+    if not stamped:
+        await storage.note_charge_attempt(
+            state.db, payment_id=payment["id"], settle_after_s=state.config.payment_settle_after_s
+        )
     history: list[Exception] = []
     context = {"order_id": str(payment["order_id"]), "payment_id": str(payment["id"])}
     try:

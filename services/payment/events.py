@@ -30,6 +30,10 @@ async def process_event(state: PaymentState, event: CallbackEvent) -> str:
     }
     status = OUTCOMES.get(event.type)
     changed = False
+    if await storage.event_seen(state.db, event.id):
+        # A recorded event committed together with its effect: nothing left to do.
+        WEBHOOKS.labels("duplicate").inc()
+        return "duplicate"
     async with state.db.acquire() as conn, conn.transaction():
         fresh = await storage.insert_event(
             conn,

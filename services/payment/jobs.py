@@ -107,11 +107,14 @@ async def relay_outbox(state: PaymentState) -> int:
     if not rows:
         return 0
     results = await asyncio.gather(*(deliver(state, row) for row in rows))
-    return sum(results)
+    delivered = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
+    if delivered:
+        await storage.outbox_delivered(state.db, delivered)
+    return len(delivered)
 
 
-async def deliver(state: PaymentState, message: Any) -> int:
-    """Send one outbox message; 1 when the catalog took it."""
+async def deliver(state: PaymentState, message: Any) -> bool:
+    """Send one outbox message; True when the catalog took it (the caller records that)."""
     kind: str = message["kind"]
     context = {
         "order_id": str(message["order_id"]),
@@ -134,7 +137,7 @@ async def deliver(state: PaymentState, message: Any) -> int:
         await storage.outbox_retry_later(
             state.db, outbox_id=message["id"], delay_s=delay, error=f"{exc} {exc.reply}"
         )
-        return 0
+        return False
     except CatalogRefused as exc:
         # The catalog will never take it (the order expired, or another payment paid it):
         # a charged payment then needs a refund, which is for a person to decide.
@@ -144,10 +147,9 @@ async def deliver(state: PaymentState, message: Any) -> int:
             await storage.outbox_dead(conn, outbox_id=message["id"], error=exc.reply)
             if kind == "paid":
                 await storage.mark_refund_required(conn, message["payment_id"])
-        return 0
-    await storage.outbox_delivered(state.db, message["id"])
+        return False
     OUTBOX_DELIVERIES.labels(kind, "delivered").inc()
-    return 1
+    return True
 
 
 async def expire_keys(state: PaymentState) -> int:

@@ -117,12 +117,19 @@ async def insert_payment(
     provider: str,
     settle_after_s: float,
 ) -> Any:
-    """A new payment in `created`; UniqueViolation when the order has one in flight."""
+    """A new payment in `created`, its charge attempt stamped now.
+
+    None when the order already has a succeeded payment; UniqueViolation when it has
+    one in flight.
+    """
     return await conn.fetchrow(
         f"""
         INSERT INTO payments (id, order_id, user_id, amount_cents, currency, provider,
-                              next_settle_at)
-        VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp() + make_interval(secs => $7))
+                              last_attempt_at, next_settle_at)
+        SELECT $1, $2, $3, $4, $5, $6, clock_timestamp(),
+               clock_timestamp() + make_interval(secs => $7)
+        WHERE NOT EXISTS (
+            SELECT 1 FROM payments WHERE order_id = $2 AND status = 'succeeded')
         RETURNING {_PAYMENT}
         """,  # noqa: S608
         payment_id,
@@ -158,14 +165,6 @@ async def fetch_user_payment(conn: Executor, *, payment_id: uuid.UUID, user_id: 
     )
 
 
-async def order_has_succeeded_payment(conn: Executor, order_id: uuid.UUID) -> bool:
-    found = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = $1 AND status = 'succeeded')",
-        order_id,
-    )
-    return bool(found)
-
-
 async def transition(
     conn: Executor,
     *,
@@ -174,25 +173,35 @@ async def transition(
     from_statuses: list[str],
     charge_id: str | None,
     failure_reason: str | None,
+    outbox_kind: str | None,
 ) -> Any:
-    """Move a payment to `status` if it is in one of `from_statuses`; None otherwise."""
+    """Move a payment to `status` if it is in one of `from_statuses`, queueing its outbox
+    message in the same statement (so atomically); None when it did not move."""
     return await conn.fetchrow(
         f"""
-        UPDATE payments SET
-            status = $2,
-            charge_id = COALESCE($4, charge_id),
-            failure_reason = CASE WHEN $2 = 'failed' THEN $5 ELSE NULL END,
-            updated_at = clock_timestamp(),
-            settled_at = CASE WHEN $2 IN ('succeeded', 'failed')
-                              THEN clock_timestamp() ELSE settled_at END
-        WHERE id = $1 AND status = ANY($3::text[])
-        RETURNING {_PAYMENT}
+        WITH moved AS (
+            UPDATE payments SET
+                status = $2,
+                charge_id = COALESCE($4, charge_id),
+                failure_reason = CASE WHEN $2 = 'failed' THEN $5 ELSE NULL END,
+                updated_at = clock_timestamp(),
+                settled_at = CASE WHEN $2 IN ('succeeded', 'failed')
+                                  THEN clock_timestamp() ELSE settled_at END
+            WHERE id = $1 AND status = ANY($3::text[])
+            RETURNING {_PAYMENT}
+        ), queued AS (
+            INSERT INTO payment_outbox (payment_id, order_id, kind)
+            SELECT id, order_id, $6::text FROM moved WHERE $6::text IS NOT NULL
+            ON CONFLICT (payment_id, kind) DO NOTHING
+        )
+        SELECT * FROM moved
         """,  # noqa: S608
         payment_id,
         status,
         from_statuses,
         charge_id,
         failure_reason,
+        outbox_kind,
     )
 
 
@@ -262,28 +271,20 @@ async def insert_event(
     return bool(inserted)
 
 
+async def event_seen(conn: Executor, event_id: str) -> bool:
+    """True when the event was recorded (and so applied, in that same transaction)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM psp_events WHERE event_id = $1)", event_id
+        )
+    )
+
+
 async def mark_event_applied(conn: Connection, event_id: str) -> None:
     await conn.execute("UPDATE psp_events SET applied = true WHERE event_id = $1", event_id)
 
 
 # --- outbox -----------------------------------------------------------------------
-
-
-async def insert_outbox(
-    conn: Connection, *, payment_id: uuid.UUID, order_id: uuid.UUID, kind: str
-) -> bool:
-    """Queue one message to the catalog (once per payment and kind)."""
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO payment_outbox (payment_id, order_id, kind) VALUES ($1, $2, $3)
-        ON CONFLICT (payment_id, kind) DO NOTHING
-        RETURNING true
-        """,
-        payment_id,
-        order_id,
-        kind,
-    )
-    return bool(inserted)
 
 
 async def claim_outbox(conn: Executor, *, limit: int, lease_s: float) -> list[Any]:
@@ -307,11 +308,11 @@ async def claim_outbox(conn: Executor, *, limit: int, lease_s: float) -> list[An
     )
 
 
-async def outbox_delivered(conn: Executor, outbox_id: int) -> None:
+async def outbox_delivered(conn: Executor, outbox_ids: list[int]) -> None:
     await conn.execute(
         "UPDATE payment_outbox SET delivered_at = clock_timestamp(), last_error = NULL "
-        "WHERE id = $1",
-        outbox_id,
+        "WHERE id = ANY($1::bigint[])",
+        outbox_ids,
     )
 
 

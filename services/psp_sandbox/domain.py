@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -65,10 +66,14 @@ def env_faults(settings: SandboxSettings) -> Faults:
     )
 
 
+def merged_faults(settings: SandboxSettings, override: dict[str, object]) -> Faults:
+    """Env defaults overridden by the run-time settings."""
+    return Faults.model_validate({**env_faults(settings).model_dump(), **override})
+
+
 async def current_faults(*, store: SandboxStore, settings: SandboxSettings) -> FaultsOut:
     """Env defaults overridden by the run-time settings, plus the queued faults."""
-    merged = env_faults(settings).model_dump()
-    merged.update(await store.faults_override())
+    merged = merged_faults(settings, await store.faults_override()).model_dump()
     return FaultsOut(**merged, next_faults=await store.queued_faults())
 
 
@@ -112,9 +117,10 @@ async def create_charge(
     idempotency_key: str | None,
 ) -> ChargeOutcome:
     """Charge once per idempotency key; faults decide how the request goes wrong."""
-    await store.count_request(data.reference)
-    faults = await current_faults(store=store, settings=settings)
-    queued = await store.pop_fault()
+    override, queued = await store.begin_request(data.reference)
+    faults = merged_faults(settings, override)
+    if faults.latency_ms:
+        await asyncio.sleep(faults.latency_ms / 1000)
     fault: Fault | None = queued if queued is not None else pick_fault(faults, rng)  # type: ignore[assignment]
     if fault == "reject":
         raise ChargeRejected("the provider rejected the charge request")

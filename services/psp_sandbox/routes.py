@@ -78,9 +78,6 @@ class TruncatedResponse(Response):
 async def create_charge(
     state: State, data: ChargeIn, idempotency_key: IdempotencyKey = None
 ) -> Response:
-    faults = await domain.current_faults(store=state.store, settings=state.sandbox_settings)
-    if faults.latency_ms:
-        await asyncio.sleep(faults.latency_ms / 1000)
     outcome = await domain.create_charge(
         store=state.store,
         settings=state.sandbox_settings,

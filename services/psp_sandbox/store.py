@@ -74,13 +74,19 @@ class SandboxStore:
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def count_request(self, reference: str) -> None:
-        """Count one charge request (every hit, faults included)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+    async def begin_request(self, reference: str) -> tuple[dict[str, object], str | None]:
+        """Count one charge request (every hit, faults included); return the run-time
+        fault overrides and the next queued fault, if any (one round trip)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(self._k("stats"), "charge_requests", 1)
             pipe.hincrby(self._k("refstats", reference), "charge_requests", 1)
             pipe.expire(self._k("refstats", reference), self.retention_s)
-            await pipe.execute()
+            pipe.get(self._k("faults"))
+            pipe.lpop(self._k("next_faults"))
+            *_, raw_faults, queued = await pipe.execute()
+        loaded = orjson.loads(raw_faults) if raw_faults else {}
+        override = loaded if isinstance(loaded, dict) else {}
+        return override, (_as_str(queued) if queued is not None else None)
 
     async def create_charge(
         self,
@@ -149,10 +155,6 @@ class SandboxStore:
 
     async def queued_faults(self) -> list[str]:
         return [_as_str(f) for f in await self.redis.lrange(self._k("next_faults"), 0, -1)]
-
-    async def pop_fault(self) -> str | None:
-        raw = await self.redis.lpop(self._k("next_faults"))
-        return raw.decode() if isinstance(raw, bytes) else None
 
     async def reset(self) -> int:
         """Drop every sandbox key (tests); return how many were removed."""
