@@ -133,6 +133,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--standin", nargs=3, metavar=("PORT", "COUNT", "OUT"))
+    parser.add_argument(
+        "--payments-only", action="store_true", help="skip the baselines (for profiling)"
+    )
     args = parser.parse_args()
     if args.standin:
         standin_main(int(args.standin[0]), int(args.standin[1]), Path(args.standin[2]))
@@ -228,15 +231,15 @@ def main() -> int:
         script.write_text(LUA)
         env = {**os.environ, "BENCH_ORDERS": str(orders_file)}
         hello_url = f"http://127.0.0.1:{hello_port}/"
-        results: dict[str, Any] = {
-            "hello (wrk)": wrk(
+        results: dict[str, Any] = {}
+        if not args.payments_only:
+            results["hello (wrk)"] = wrk(
                 hello_url,
                 duration=args.duration,
                 connections=args.connections,
                 script=None,
                 env=env,
-            ),
-        }
+            )
         watched = {
             "payment": payment.process.pid,
             "psp_sandbox": psp.process.pid,
@@ -267,6 +270,10 @@ def main() -> int:
         )
         body_file = run_dir / "event.json"
         body_file.write_bytes(event)
+        if args.payments_only:
+            results["charges"] = asyncio.run(double_charges(dsn, psp.url))
+            print(results)
+            return 0
         count = max(1000, int(results["hello (wrk)"]["rps"] * args.duration / 4))
         results["hello (ab)"] = ab(
             hello_url, requests=count, connections=args.connections, extra=[]
