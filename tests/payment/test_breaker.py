@@ -56,11 +56,16 @@ async def test_pay7_breaker_opens_fails_fast_and_admits_one_trial(
         assert await charge_requests(psp) == before + 5
 
         # Open: refused at once, the provider never touched.
+        timings = []
         for _ in range(100):
             started = time.perf_counter()
             with pytest.raises(BreakerOpen) as refused:
                 await breaker.call(charge)
-            assert time.perf_counter() - started < 0.005
+            timings.append(time.perf_counter() - started)
+        timings.sort()
+        # A refusal is microseconds; the odd outlier is the shared machine's scheduler.
+        assert timings[49] < 0.001
+        assert timings[94] < 0.005, timings[-5:]
         assert 0 < refused.value.retry_after_s <= 30
         clock.advance(29.9)
         with pytest.raises(BreakerOpen):
