@@ -46,36 +46,98 @@ class CommonSettings(BaseSettings):
 
     service_name: ClassVar[str] = "common"
 
-    env: Environment = Environment.DEV
-    database_url: str | None = None
-    redis_url: str | None = None
+    env: Environment = Field(
+        default=Environment.DEV, description="dev, test or prod; prod refuses dev secrets"
+    )
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL DSN (unset under `shopstack up`: embedded server)"
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis URL (unset under `shopstack up`: embedded server)"
+    )
 
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="port to listen on (default: the service's own, 8000-8009)",
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="granian worker processes")
 
-    db_pool_min: int = Field(default=2, ge=0, le=100)
-    db_pool_max: int = Field(default=10, ge=1, le=200)
-    db_command_timeout_s: float = Field(default=5.0, gt=0, le=120)
-    redis_pool_max: int = Field(default=50, ge=1, le=10_000)
-    redis_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    db_pool_min: int = Field(
+        default=2, ge=0, le=100, description="asyncpg pool minimum size, per worker process"
+    )
+    db_pool_max: int = Field(
+        default=10, ge=1, le=200, description="asyncpg pool maximum size, per worker process"
+    )
+    db_command_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="timeout of every SQL statement and of pool acquire"
+    )
+    redis_pool_max: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        description="Redis connections per worker process (callers wait, bounded)",
+    )
+    redis_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="connect, command and pool-wait timeout for Redis"
+    )
 
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
-    body_read_timeout_s: float = Field(default=30.0, gt=0, le=600)
-    header_read_timeout_ms: int = Field(default=10_000, ge=100, le=60_000)
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=64 * 1_048_576,
+        description="largest request body accepted (413 beyond)",
+    )
+    body_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="time a client has to send a whole request body (408 beyond)",
+    )
+    max_header_bytes: int = Field(
+        default=16_384,
+        ge=8192,
+        le=1_048_576,
+        description="request line plus headers; larger (or > 100 headers) gets 431",
+    )
+    header_read_timeout_ms: int = Field(
+        default=10_000,
+        ge=100,
+        le=60_000,
+        description="time a client has to send request headers (granian closes the connection)",
+    )
 
     # granian options for `shopstack serve` (a service may change its defaults).
-    granian_backlog: int = Field(default=2048, ge=128, le=65_535)
-    granian_backpressure: int | None = Field(default=None, ge=1, le=100_000)
-    granian_http1_only: bool = False
-    granian_keep_alive: bool = True
+    granian_backlog: int = Field(
+        default=2048, ge=128, le=65_535, description="listen backlog (capped by somaxconn)"
+    )
+    granian_backpressure: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="requests in progress per worker before new ones wait (unset: granian's)",
+    )
+    granian_http1_only: bool = Field(
+        default=False, description="serve HTTP/1.1 only (no per-connection HTTP/2 detection)"
+    )
+    granian_keep_alive: bool = Field(
+        default=True, description="keep HTTP/1.1 connections open between requests"
+    )
 
-    log_level: str = "INFO"
-    json_logs: bool = True
+    log_level: str = Field(default="INFO", description="root log level")
+    json_logs: bool = Field(default=True, description="one JSON object per log line")
 
-    jwt_secret: SecretStr | None = None
-    psp_webhook_secret: SecretStr | None = None
-    admin_password: SecretStr | None = None
+    jwt_secret: SecretStr | None = Field(
+        default=None, description="HMAC key for access tokens (secret; >= 32 bytes outside dev)"
+    )
+    psp_webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC key the provider signs callbacks with (secret)"
+    )
+    admin_password: SecretStr | None = Field(
+        default=None, description="password of the seeded admin user (secret)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CommonSettings:

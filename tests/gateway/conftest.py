@@ -50,6 +50,11 @@ def stack(
     assert leftovers == [], f"processes left behind: {leftovers}"
 
 
+@pytest.fixture(scope="session")
+def stack_gateway(stack: RunningStack) -> str:
+    return stack.url()
+
+
 @dataclass
 class Echo:
     """A real upstream HTTP server that records what it receives."""
@@ -59,6 +64,7 @@ class Echo:
     delay_s: float = 0.0
     status: int = 200
     drop: bool = False
+    body: bytes | None = None  # a raw reply body instead of {"ok": true}
 
 
 @pytest.fixture
@@ -82,6 +88,10 @@ async def echo() -> AsyncIterator[Echo]:
             raise ConnectionResetError("dropped on purpose")
         if state.delay_s:
             await asyncio.sleep(state.delay_s)
+        if state.body is not None:
+            return web.Response(
+                body=state.body, status=state.status, content_type="application/problem+json"
+            )
         return web.json_response(
             {"ok": True},
             status=state.status,

@@ -67,7 +67,7 @@ async def test_public_routes_never_carry_a_user(
 async def test_spoofed_forwarded_for_is_ignored_from_untrusted_peers(
     gateway_to_echo: httpx.AsyncClient, echo: Echo
 ) -> None:
-    await gateway_to_echo.get("/api/v1/products/1", headers={"X-Forwarded-For": "1.2.3.4"})
+    await gateway_to_echo.get("/api/v1/stats/top", headers={"X-Forwarded-For": "1.2.3.4"})
     assert echo.seen[-1]["headers"]["x-forwarded-for"] == "203.0.113.7"
 
 
@@ -75,10 +75,10 @@ async def test_forwarded_for_is_believed_from_trusted_proxies(
     seeded: str, settings_kwargs: dict[str, Any], echo: Echo
 ) -> None:
     settings = gateway_settings(
-        settings_kwargs, catalog_url=echo.url, trusted_proxies=["203.0.113.0/24"]
+        settings_kwargs, stats_url=echo.url, trusted_proxies=["203.0.113.0/24"]
     )
     async with client_for(create_app(settings)) as client:
-        await client.get("/api/v1/products/1", headers={"X-Forwarded-For": "198.51.100.9, 1.2.3.4"})
+        await client.get("/api/v1/stats/top", headers={"X-Forwarded-For": "198.51.100.9, 1.2.3.4"})
     # The rightmost address not vouched for by a trusted proxy is the client.
     assert echo.seen[-1]["headers"]["x-forwarded-for"] == "1.2.3.4"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
@@ -95,3 +96,104 @@ def test_errors_through_the_gateway_are_problems(stack: RunningStack) -> None:
 def test_request_id_is_forwarded_and_echoed(stack: RunningStack) -> None:
     resp = httpx.get(stack.url() + "/api/v1/products/2", headers={"X-Request-Id": "trace-me-7"})
     assert resp.headers["x-request-id"] == "trace-me-7"
+
+
+def raw_request(url: str, head: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head)
+        return sock.recv(256)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_480 + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(1000))
+        + b"\r\n",
+    ],
+    ids=["20-KiB-header", "1000-headers"],
+)
+@pytest.mark.parametrize("service", ["gateway", "catalog"])
+def test_header_abuse_is_431(stack: RunningStack, service: str, head: bytes) -> None:
+    """IN-4: our own header cap, the same on every service."""
+    assert raw_request(stack.url(service), head).startswith(b"HTTP/1.1 431")
+
+
+def test_large_bodies_still_flow(stack: RunningStack) -> None:
+    """The header cap is not a body cap: pages far larger than it pass through."""
+    admin = token_for(stack, "admin", DEV_SECRETS["admin_password"])
+    for pid in (19, 20):
+        body = {
+            "sku": f"SKU-BIG-{pid}",
+            "name": "Big",
+            "description": "x" * 9_500,
+            "price_cents": 100,
+            "currency": "EUR",
+            "stock": 1,
+        }
+        put = httpx.put(
+            stack.url() + f"/api/v1/admin/products/{pid}",
+            json=body,
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        assert put.status_code == 200, put.text
+    page = httpx.get(stack.url() + "/api/v1/products", params={"after": 18, "limit": 2})
+    assert page.status_code == 200
+    assert len(page.content) > 16_384
+    assert [p["description"] for p in page.json()["items"]] == ["x" * 9_500] * 2
+
+
+def wait_for_stock(stack: RunningStack, pid: int, expected: int) -> int:
+    deadline = time.monotonic() + 1.0
+    stock = -1
+    while time.monotonic() < deadline:
+        stock = httpx.get(stack.url() + f"/api/v1/products/{pid}").json()["stock"]
+        if stock == expected:
+            break
+        time.sleep(0.05)
+    return int(stock)
+
+
+def test_order_flow_through_the_gateway(stack: RunningStack) -> None:
+    """Reserve, read, see the stock move in product detail within 1 s, cancel, get it back."""
+    owner = {"Authorization": f"Bearer {token_for(stack, 'demo3', 'demo-password-3')}"}
+    other = {"Authorization": f"Bearer {token_for(stack, 'demo2', 'demo-password-2')}"}
+    before = httpx.get(stack.url() + "/api/v1/products/12").json()["stock"]
+    created = httpx.post(
+        stack.url() + "/api/v1/orders", json={"product_id": 12, "quantity": 2}, headers=owner
+    )
+    assert created.status_code == 201, created.text
+    order = created.json()
+    assert order["status"] == "reserved"
+    assert wait_for_stock(stack, 12, before - 2) == before - 2
+    mine = httpx.get(stack.url() + f"/api/v1/orders/{order['id']}", headers=owner)
+    assert mine.json()["id"] == order["id"]
+    assert_problem(
+        httpx.get(stack.url() + f"/api/v1/orders/{order['id']}", headers=other), 404, "not-found"
+    )
+    cancelled = httpx.post(stack.url() + f"/api/v1/orders/{order['id']}/cancel", headers=owner)
+    assert cancelled.status_code == 200
+    assert wait_for_stock(stack, 12, before) == before
+
+
+def test_sold_out_through_the_gateway(stack: RunningStack) -> None:
+    admin = {"Authorization": f"Bearer {token_for(stack, 'admin', DEV_SECRETS['admin_password'])}"}
+    buyer = {"Authorization": f"Bearer {token_for(stack, 'demo1', 'demo-password-1')}"}
+    product = {
+        "sku": "SKU-LAST-ONE",
+        "name": "The last one",
+        "price_cents": 500,
+        "currency": "EUR",
+        "stock": 1,
+    }
+    put = httpx.put(stack.url() + "/api/v1/admin/products/17", json=product, headers=admin)
+    assert put.status_code == 200, put.text
+    order = {"product_id": 17, "quantity": 1}
+    first = httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer)
+    assert first.status_code == 201, first.text
+    for _ in range(5):
+        again = httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer)
+        assert_problem(again, 409, "sold-out")
+    assert wait_for_stock(stack, 17, 0) == 0

@@ -1,7 +1,7 @@
 """A test-only stand-in for the catalog's internal order API (a real HTTP server).
 
-It implements exactly the contract payment is built against, over an in-memory
-dict, until the real catalog order path is merged:
+It implements the contract of docs/internal-api.md over an in-memory dict, so
+payment's tests control orders (status, holds, outages) directly:
 
 - GET  /internal/v1/orders/{id}            200 order | 404
 - POST /internal/v1/orders/{id}/hold       {"payment_id"}: 200 order; idempotent for the same
@@ -56,11 +56,19 @@ class StandInOrder:
             "amount_cents": self.amount_cents,
             "currency": self.currency,
             "expires_at": self.expires_at.isoformat().replace("+00:00", "Z"),
-            "held_by": str(self.held_by) if self.held_by and self.hold_active() else None,
+            "held_by": self._holder(),
         }
 
     def hold_active(self) -> bool:
         return self.held_by is not None and time.monotonic() < self.held_until
+
+    def past_expiry(self) -> bool:
+        return datetime.now(UTC) >= self.expires_at
+
+    def _holder(self) -> str | None:
+        if self.status == "paid" and self.paid_by is not None:
+            return str(self.paid_by)  # the payment that paid it
+        return str(self.held_by) if self.held_by and self.hold_active() else None
 
 
 class CatalogStandIn:
@@ -153,10 +161,14 @@ class CatalogStandIn:
         return web.json_response(order.document())
 
     def _hold(self, order: StandInOrder, payment_id: uuid.UUID) -> web.Response:
+        if order.status == "paid" and order.paid_by == payment_id:
+            return web.json_response(order.document())  # a retried hold after success
         if order.status != "reserved":
             return problem(409, "order-not-payable", f"order is {order.status}")
         if order.hold_active() and order.held_by != payment_id:
             return problem(409, "order-not-payable", "order is held by another payment")
+        if order.past_expiry() and order.held_by != payment_id:
+            return problem(409, "order-not-payable", "order is about to expire")
         order.held_by = payment_id
         order.held_until = time.monotonic() + HOLD_LAPSE_S
         return web.json_response(order.document())
@@ -166,7 +178,9 @@ class CatalogStandIn:
             return web.json_response(order.document())
         if order.status != "reserved":
             return problem(409, "order-not-payable", f"order is {order.status}")
-        if order.hold_active() and order.held_by != payment_id:
+        mine = order.held_by == payment_id  # even if the hold lapsed: units still reserved
+        unheld = not order.hold_active() and not order.past_expiry()
+        if not (mine or unheld):
             return problem(409, "order-not-payable", "order is held by another payment")
         order.status = "paid"
         order.paid_by = payment_id
