@@ -21,7 +21,7 @@ async def insert_key(
     """Claim a new key (locked by this request); None when the key already exists."""
     return await conn.fetchrow(
         """
-        INSERT INTO idempotency_keys (user_id, key, fingerprint, payment_id, locked_at)
+        INSERT INTO payment_idempotency_keys (user_id, key, fingerprint, payment_id, locked_at)
         VALUES ($1, $2, $3, $4, clock_timestamp())
         ON CONFLICT (user_id, key) DO NOTHING
         RETURNING user_id, key, fingerprint, payment_id
@@ -38,7 +38,7 @@ async def fetch_key(conn: Executor, *, user_id: str, key: str) -> Any:
         """
         SELECT user_id, key, fingerprint, payment_id, response_status, response_headers,
                response_body, locked_at, completed_at
-        FROM idempotency_keys WHERE user_id = $1 AND key = $2
+        FROM payment_idempotency_keys WHERE user_id = $1 AND key = $2
         """,
         user_id,
         key,
@@ -49,7 +49,7 @@ async def take_over_key(conn: Executor, *, user_id: str, key: str, lock_s: float
     """Re-lock an unfinished key whose lock is older than `lock_s` (its worker died)."""
     return await conn.fetchrow(
         """
-        UPDATE idempotency_keys SET locked_at = clock_timestamp()
+        UPDATE payment_idempotency_keys SET locked_at = clock_timestamp()
         WHERE user_id = $1 AND key = $2 AND completed_at IS NULL
           AND locked_at < clock_timestamp() - make_interval(secs => $3)
         RETURNING user_id, key, fingerprint, payment_id
@@ -66,7 +66,7 @@ async def complete_key(
     """Store the first response; later requests with the key get it back."""
     await conn.execute(
         """
-        UPDATE idempotency_keys
+        UPDATE payment_idempotency_keys
         SET response_status = $3, response_headers = $4::jsonb, response_body = $5,
             completed_at = clock_timestamp(), locked_at = NULL
         WHERE user_id = $1 AND key = $2 AND completed_at IS NULL
@@ -82,7 +82,8 @@ async def complete_key(
 async def delete_unfinished_key(conn: Executor, *, user_id: str, key: str) -> None:
     """Forget a key whose request ended before doing anything worth repeating."""
     await conn.execute(
-        "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND completed_at IS NULL",
+        "DELETE FROM payment_idempotency_keys "
+        "WHERE user_id = $1 AND key = $2 AND completed_at IS NULL",
         user_id,
         key,
     )
@@ -92,8 +93,8 @@ async def expire_keys(conn: Executor, *, ttl_s: int, limit: int) -> int:
     """Delete keys older than the TTL (finished or abandoned); return how many went."""
     result = await conn.execute(
         """
-        DELETE FROM idempotency_keys WHERE ctid IN (
-            SELECT ctid FROM idempotency_keys
+        DELETE FROM payment_idempotency_keys WHERE ctid IN (
+            SELECT ctid FROM payment_idempotency_keys
             WHERE created_at < clock_timestamp() - make_interval(secs => $1)
             LIMIT $2)
         """,
@@ -257,7 +258,7 @@ async def insert_event(
     """Record an event id; False when it was seen before (waits for a concurrent twin)."""
     inserted = await conn.fetchval(
         """
-        INSERT INTO psp_events (event_id, type, payment_id, charge_id, created, applied)
+        INSERT INTO payment_psp_events (event_id, type, payment_id, charge_id, created, applied)
         VALUES ($1, $2, $3, $4, $5, false)
         ON CONFLICT (event_id) DO NOTHING
         RETURNING true
@@ -275,13 +276,13 @@ async def event_seen(conn: Executor, event_id: str) -> bool:
     """True when the event was recorded (and so applied, in that same transaction)."""
     return bool(
         await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM psp_events WHERE event_id = $1)", event_id
+            "SELECT EXISTS (SELECT 1 FROM payment_psp_events WHERE event_id = $1)", event_id
         )
     )
 
 
 async def mark_event_applied(conn: Connection, event_id: str) -> None:
-    await conn.execute("UPDATE psp_events SET applied = true WHERE event_id = $1", event_id)
+    await conn.execute("UPDATE payment_psp_events SET applied = true WHERE event_id = $1", event_id)
 
 
 # --- outbox -----------------------------------------------------------------------

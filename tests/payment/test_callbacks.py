@@ -165,7 +165,10 @@ async def test_pay6_same_event_ten_times_has_one_effect(
     outbox = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
     assert [r["kind"] for r in outbox] == ["paid"]
     assert (
-        await pg.fetchval("SELECT count(*) FROM psp_events WHERE payment_id = $1", payment_id) == 1
+        await pg.fetchval(
+            "SELECT count(*) FROM payment_psp_events WHERE payment_id = $1", payment_id
+        )
+        == 1
     )
     assert standin.count("paid", order.id) == 1
 
@@ -201,7 +204,7 @@ async def test_pay6_late_failed_event_cannot_undo_success(
     assert (await send(api, late)).json() == {"status": "duplicate"}
     assert await status_of(pg, payment_id) == "succeeded"
     applied = await pg.fetch(
-        "SELECT type, applied FROM psp_events WHERE payment_id = $1 ORDER BY received_at",
+        "SELECT type, applied FROM payment_psp_events WHERE payment_id = $1 ORDER BY received_at",
         payment_id,
     )
     assert [(r["type"], r["applied"]) for r in applied] == [
@@ -225,7 +228,7 @@ async def test_pay6_sandbox_duplicates_and_reorders_a_real_payment(
 
     async def both_events_seen() -> bool:
         count = await pg.fetchval(
-            "SELECT count(*) FROM psp_events WHERE payment_id = $1", payment_id
+            "SELECT count(*) FROM payment_psp_events WHERE payment_id = $1", payment_id
         )
         return bool(count == 2)
 

@@ -131,7 +131,7 @@ async def test_a_key_whose_request_died_is_taken_over_and_resumed(
     payment_id = uuid.uuid4()
     body = {"order_id": str(order.id)}
     await pg.execute(
-        "INSERT INTO idempotency_keys (user_id, key, fingerprint, payment_id, locked_at) "
+        "INSERT INTO payment_idempotency_keys (user_id, key, fingerprint, payment_id, locked_at) "
         "VALUES ($1, $2, $3, $4, now() - interval '1 hour')",
         me["X-User-Id"],
         key,
@@ -145,7 +145,7 @@ async def test_a_key_whose_request_died_is_taken_over_and_resumed(
     # A key locked a moment ago is still in flight.
     fresh = "busy-" + uuid.uuid4().hex
     await pg.execute(
-        "INSERT INTO idempotency_keys (user_id, key, fingerprint, payment_id, locked_at) "
+        "INSERT INTO payment_idempotency_keys (user_id, key, fingerprint, payment_id, locked_at) "
         "VALUES ($1, $2, $3, $4, now())",
         me["X-User-Id"],
         fresh,
@@ -160,15 +160,15 @@ async def test_keys_live_at_least_24_hours(pg: asyncpg.Connection) -> None:
     owner = "ttl-" + uuid.uuid4().hex[:8]
     for age_h, key in ((23, "young"), (25, "old")):
         await pg.execute(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, created_at, completed_at, "
-            "response_status, response_body) "
+            "INSERT INTO payment_idempotency_keys (user_id, key, fingerprint, created_at, "
+            "completed_at, response_status, response_body) "
             "VALUES ($1, $2, 'f', now() - make_interval(hours => $3), now(), 201, '')",
             owner,
             key,
             age_h,
         )
     await storage.expire_keys(pg, ttl_s=86_400, limit=1000)
-    left = await pg.fetch("SELECT key FROM idempotency_keys WHERE user_id = $1", owner)
+    left = await pg.fetch("SELECT key FROM payment_idempotency_keys WHERE user_id = $1", owner)
     assert [r["key"] for r in left] == ["young"]
     with pytest.raises(ValidationError):
         PaymentSettings(payment_idempotency_ttl_s=3600)

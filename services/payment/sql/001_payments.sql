@@ -29,7 +29,7 @@ CREATE INDEX payments_unsettled ON payments (next_settle_at)
     WHERE status IN ('created', 'pending');
 
 -- Idempotency-Key records, scoped per user (IETF draft / Stripe semantics).
-CREATE TABLE idempotency_keys (
+CREATE TABLE payment_idempotency_keys (
     user_id          text        NOT NULL,
     key              text        NOT NULL,
     fingerprint      text        NOT NULL,
@@ -42,10 +42,10 @@ CREATE TABLE idempotency_keys (
     completed_at     timestamptz,
     PRIMARY KEY (user_id, key)
 );
-CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+CREATE INDEX payment_idempotency_keys_created ON payment_idempotency_keys (created_at);
 
 -- Provider events seen, by event id: a second delivery is a duplicate, never a second effect.
-CREATE TABLE psp_events (
+CREATE TABLE payment_psp_events (
     event_id     text        PRIMARY KEY,
     type         text        NOT NULL,
     payment_id   uuid,
