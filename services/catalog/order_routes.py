@@ -33,7 +33,7 @@ _503 = _problem(503, "upstream-unavailable", "the inventory gate is unavailable"
 _409_PAY = _problem(409, "order-not-payable", "order 0b0e... is held by another payment")
 
 
-def catalog_state(request: Request) -> CatalogState:
+async def catalog_state(request: Request) -> CatalogState:
     state: CatalogState = request.state.app_state
     return state
 

@@ -21,7 +21,7 @@ _EXAMPLE = problem_body(404, "not-found", None, "product 7 does not exist")
 _PROBLEM = {"content": {"application/problem+json": {"example": _EXAMPLE}}}
 
 
-def catalog_state(request: Request) -> CatalogState:
+async def catalog_state(request: Request) -> CatalogState:
     state: CatalogState = request.state.app_state
     return state
 

@@ -29,7 +29,7 @@ class Caller:
         return self.role == "admin"
 
 
-def current_caller(request: Request) -> Caller:
+async def current_caller(request: Request) -> Caller:
     """FastAPI dependency: the authenticated caller, else 401."""
     user_id = request.headers.get(USER_ID_HEADER)
     if not user_id or not _SANE_USER_ID.match(user_id):
@@ -37,9 +37,9 @@ def current_caller(request: Request) -> Caller:
     return Caller(user_id=user_id, role=request.headers.get(USER_ROLE_HEADER, "user"))
 
 
-def current_admin(request: Request) -> Caller:
+async def current_admin(request: Request) -> Caller:
     """FastAPI dependency: an authenticated caller with role admin, else 401/403."""
-    caller = current_caller(request)
+    caller = await current_caller(request)
     if not caller.is_admin:
         raise Forbidden("this operation needs the admin role")
     return caller

@@ -10,6 +10,7 @@ caller's token where the route needs a user.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import time
@@ -32,7 +33,7 @@ from services.common.errors import (
     Overloaded,
     Problem,
     RateLimited,
-    SoldOut,
+    RequestTimeout,
     Unauthorized,
     problem_bytes,
 )
@@ -64,7 +65,15 @@ log = logging.getLogger("shopstack.gateway")
 
 JSON = "application/json"
 PRODUCT_PREFIX = "/api/v1/products/"
+ORDERS_PATH = "/api/v1/orders"
 SOLD_OUT_TYPE = b'"type":"/problems/sold-out"'
+PROBLEM_HEADERS = (("content-type", PROBLEM_CONTENT_TYPE),)
+
+
+@functools.lru_cache(maxsize=4096)
+def sold_out_body(product_id: int) -> bytes:
+    """The catalog's own sold-out problem for a product (built once per product)."""
+    return problem_bytes(409, "sold-out", f"product {product_id} is sold out", title="Sold Out")
 
 
 class GatewayState:
@@ -290,10 +299,48 @@ class Gateway:
                 "/api/v1/products/{id}", method, reply.status, time.perf_counter() - started
             )
             return
-        request = rsgi_request(scope, protocol)
+        body: bytes | None = None
+        if method == "POST" and scope.path == ORDERS_PATH:
+            # The sold-out storm: refused here too, once the body names a flagged product.
+            fast = await self._sold_out_fast(headers, protocol, rid)
+            if isinstance(fast, Reply):
+                send_rsgi(protocol, fast)
+                self.stats.record(ORDERS_PATH, method, fast.status, time.perf_counter() - started)
+                return
+            body = fast
+        request = rsgi_request(scope, protocol, body)
         route, reply = await self.handle(request, rid)
         send_rsgi(protocol, reply, head=method == "HEAD")
         self.stats.record(route, method, reply.status, time.perf_counter() - started)
+
+    async def _sold_out_fast(self, headers: Any, protocol: Any, rid: str) -> Reply | bytes | None:
+        """A sold-out reply, or the body read on the way (for the normal path), or None.
+
+        Only the plain case is taken here: a verified token (from the cache), a
+        declared small body, no Idempotency-Key; anything else goes the normal
+        way, which answers it fully (401, 413, 422, ...).
+        """
+        if headers.get("idempotency-key") is not None or self.state is None:
+            return None
+        token = bearer_token(headers.get("authorization"))
+        if token is None or self.state.tokens.verify_cached(token) is None:
+            return None
+        declared = headers.get("content-length")
+        if declared is None or not declared.isdigit():
+            return None
+        if int(declared) > self.settings.gateway_small_body_bytes:
+            return None
+        try:
+            async with asyncio.timeout(self.settings.body_read_timeout_s):
+                body: bytes = await protocol()
+        except TimeoutError:
+            reply = problem_reply(RequestTimeout("request body was not received in time"))
+            reply.headers.append(("x-request-id", rid))
+            return reply
+        product_id = ordered_product(body)
+        if product_id is None or not self.sold_out.is_sold_out(product_id):
+            return body
+        return Reply(409, [*PROBLEM_HEADERS, ("x-request-id", rid)], sold_out_body(product_id))
 
     # -- ASGI --------------------------------------------------------------------------
 
@@ -459,7 +506,7 @@ class Gateway:
             # A replayed idempotent order must see its first reply, so keyed requests pass.
             sold_out_candidate = ordered_product(body)
             if sold_out_candidate is not None and self.sold_out.is_sold_out(sold_out_candidate):
-                raise SoldOut(f"product {sold_out_candidate} is sold out")
+                return Reply(409, list(PROBLEM_HEADERS), sold_out_body(sold_out_candidate))
         ip = self._client_ip(request)
         if route.rate_limited and is_write:
             await self._rate_limit(state, user, ip)

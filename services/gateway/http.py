@@ -99,10 +99,13 @@ class _DictHeaders:
         return self._items
 
 
-def rsgi_request(scope: Any, protocol: Any) -> Request:
-    """Wrap a granian RSGI scope and protocol."""
+def rsgi_request(scope: Any, protocol: Any, body: bytes | None = None) -> Request:
+    """Wrap a granian RSGI scope and protocol (`body`: already read from it)."""
 
     async def chunks() -> AsyncIterator[bytes]:
+        if body is not None:
+            yield body
+            return
         async for chunk in protocol:
             yield chunk
 

@@ -31,7 +31,7 @@ _CALLBACK_REPLIES = {
 _PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 
 
-def payment_state(request: Request) -> PaymentState:
+async def payment_state(request: Request) -> PaymentState:
     state: PaymentState = request.state.app_state
     return state
 

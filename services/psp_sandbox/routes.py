@@ -16,7 +16,7 @@ from services.psp_sandbox.state import SandboxState
 router = APIRouter(tags=["psp-sandbox"])
 
 
-def sandbox_state(request: Request) -> SandboxState:
+async def sandbox_state(request: Request) -> SandboxState:
     state: SandboxState = request.state.app_state
     return state
 

@@ -193,7 +193,17 @@ def test_sold_out_through_the_gateway(stack: RunningStack) -> None:
     order = {"product_id": 17, "quantity": 1}
     first = httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer)
     assert first.status_code == 201, first.text
-    for _ in range(5):
-        again = httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer)
+    replies = [
+        httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer) for _ in range(5)
+    ]
+    for again in replies:  # the first from the catalog, the rest from the gateway's flag
         assert_problem(again, 409, "sold-out")
+        assert again.content == replies[0].content
+        assert again.headers["x-request-id"]
+    keyed = httpx.post(
+        stack.url() + "/api/v1/orders",
+        json=order,
+        headers={**buyer, "Idempotency-Key": "sold-out-replay-1"},
+    )
+    assert_problem(keyed, 409, "sold-out")
     assert wait_for_stock(stack, 17, 0) == 0
