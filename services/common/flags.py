@@ -27,6 +27,22 @@ class SoldOutFlags:
             return False
         return True
 
+    def refuse_or_probe(self, product_id: int) -> bool:
+        """Like is_sold_out, but an expired flag lets exactly one caller through to ask again.
+
+        The flag is re-armed for everyone else while that one request finds out, so
+        a storm never turns into a stampede on the upstream each time a flag ends.
+        The prober's answer then marks the flag again or clears it.
+        """
+        until = self._until.get(product_id)
+        if until is None:
+            return False
+        now = time.monotonic()
+        if now < until:
+            return True
+        self._until[product_id] = now + self.ttl_s
+        return False
+
     def mark(self, product_id: int) -> None:
         if self.ttl_s > 0:
             self._until[product_id] = time.monotonic() + self.ttl_s

@@ -338,7 +338,7 @@ class Gateway:
             reply.headers.append(("x-request-id", rid))
             return reply
         product_id = ordered_product(body)
-        if product_id is None or not self.sold_out.is_sold_out(product_id):
+        if product_id is None or not self.sold_out.refuse_or_probe(product_id):
             return body
         return Reply(409, [*PROBLEM_HEADERS, ("x-request-id", rid)], sold_out_body(product_id))
 
@@ -505,14 +505,21 @@ class Gateway:
         if route.name == "/api/v1/orders" and request.method == "POST" and not has_key:
             # A replayed idempotent order must see its first reply, so keyed requests pass.
             sold_out_candidate = ordered_product(body)
-            if sold_out_candidate is not None and self.sold_out.is_sold_out(sold_out_candidate):
+            if (
+                sold_out_candidate is not None
+                and not request.prechecked  # the RSGI fast path asked already
+                and self.sold_out.refuse_or_probe(sold_out_candidate)
+            ):
                 return Reply(409, list(PROBLEM_HEADERS), sold_out_body(sold_out_candidate))
         ip = self._client_ip(request)
         if route.rate_limited and is_write:
             await self._rate_limit(state, user, ip)
         reply = await self._upstream_call(route, request, rid, body, user, ip, has_key)
-        if sold_out_candidate is not None and reply.status == 409 and SOLD_OUT_TYPE in reply.body:
-            self.sold_out.mark(sold_out_candidate)
+        if sold_out_candidate is not None:
+            if reply.status == 409 and SOLD_OUT_TYPE in reply.body:
+                self.sold_out.mark(sold_out_candidate)
+            elif reply.status < 500:  # the probe found stock (or another answer): stop refusing
+                self.sold_out.clear(sold_out_candidate)
         return reply
 
     async def _rate_limit(self, state: GatewayState, user: TokenUser | None, ip: str) -> None:

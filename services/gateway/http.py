@@ -48,6 +48,7 @@ class Request:
     client: str
     scheme: str
     chunks: Callable[[], AsyncIterator[bytes]]
+    prechecked: bool = False  # the body was read (and judged) by a fast path already
 
     async def body(self, *, limit: int, timeout_s: float) -> bytes:
         """The whole body, refused past `limit` bytes or `timeout_s` seconds (413/408/400)."""
@@ -111,7 +112,14 @@ def rsgi_request(scope: Any, protocol: Any, body: bytes | None = None) -> Reques
 
     host = scope.client.rsplit(":", 1)[0].strip("[]") if scope.client else ""
     return Request(
-        scope.method, scope.path, scope.query_string, scope.headers, host, scope.scheme, chunks
+        scope.method,
+        scope.path,
+        scope.query_string,
+        scope.headers,
+        host,
+        scope.scheme,
+        chunks,
+        prechecked=body is not None,
     )
 
 

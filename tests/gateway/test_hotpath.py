@@ -206,3 +206,30 @@ async def test_rl1_write_limit_is_shared_across_workers(
 async def test_reads_are_not_rate_limited(gateway_to_echo: httpx.AsyncClient, path: str) -> None:
     replies = await asyncio.gather(*(gateway_to_echo.get(path) for _ in range(50)))
     assert {r.status_code for r in replies} == {200}
+
+
+async def test_an_expired_sold_out_flag_sends_one_probe(
+    seeded: str, settings_kwargs: dict[str, Any], echo: Echo
+) -> None:
+    settings = gateway_settings(settings_kwargs, catalog_url=echo.url, gateway_sold_out_ttl_s=0.2)
+    echo.status = 409
+    echo.body = b'{"type":"/problems/sold-out","title":"Sold Out","status":409,"detail":"x"}'
+    order = {"product_id": 13, "quantity": 1}
+    async with client_for(create_app(settings)) as client:
+        auth = {"Authorization": f"Bearer {await login(client, 'demo1', 'demo-password-1')}"}
+        await client.post("/api/v1/orders", json=order, headers=auth)
+        assert len(echo.seen) == 1
+        await asyncio.sleep(0.25)  # the flag has expired
+        echo.delay_s = 0.1
+        storm = await asyncio.gather(
+            *(client.post("/api/v1/orders", json=order, headers=auth) for _ in range(20))
+        )
+        assert {r.status_code for r in storm} == {409}
+        assert len(echo.seen) == 2  # one probe, not twenty
+        echo.status, echo.body, echo.delay_s = 201, None, 0.0
+        await asyncio.sleep(0.25)
+        probe = await client.post("/api/v1/orders", json=order, headers=auth)
+        after = await client.post("/api/v1/orders", json=order, headers=auth)
+    assert probe.status_code == 201
+    assert after.status_code == 201  # the probe's answer cleared the flag
+    assert len(echo.seen) == 4
