@@ -6,9 +6,8 @@ error as problem+json, and adds /healthz, /readyz and /metrics.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -18,24 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.common.asgi import ASGIApp, Message, Receive, Scope, Send
 from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, code_for_status, problem_body
+from services.common.health import Check, failing_checks
 from services.common.logs import configure_logging
 from services.common.metrics import METRICS_CONTENT_TYPE, render_metrics
-from services.common.middleware import (
-    ASGIApp,
-    BodyGuardMiddleware,
-    Message,
-    ObservabilityMiddleware,
-    Receive,
-    Scope,
-    Send,
-    send_problem,
-)
+from services.common.middleware import BodyGuardMiddleware, ObservabilityMiddleware, send_problem
 from services.common.settings import CommonSettings
 
 log = logging.getLogger("shopstack.app")
-
-Check = Callable[[], Awaitable[None]]
 
 
 class ServiceState:
@@ -176,22 +166,6 @@ def health_router(get_state: Callable[[Request], ServiceState]) -> APIRouter:
         return Response(render_metrics(), media_type=METRICS_CONTENT_TYPE)
 
     return router
-
-
-async def failing_checks(checks: dict[str, Check], timeout_s: float = 2.0) -> set[str]:
-    """Run the checks concurrently; return the names that failed or timed out."""
-
-    async def run(check: Check) -> bool:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await check()
-        except Exception:
-            return False
-        return True
-
-    names = list(checks)
-    results = await asyncio.gather(*(run(checks[name]) for name in names))
-    return {name for name, ok in zip(names, results, strict=True) if not ok}
 
 
 def state_of(request: Request) -> ServiceState:

@@ -9,7 +9,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from services.common import db, redis
-from services.common.app import Check, ServiceState
+from services.common.app import ServiceState
+from services.common.health import Check
 from services.common.settings import CommonSettings
 
 

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from services.common import db, redis
 from services.common import settings as common_settings
-from services.common.app import failing_checks
+from services.common.asgi import Receive, Scope, Send
 from services.common.errors import (
     PROBLEM_CONTENT_TYPE,
     NotFound,
@@ -38,9 +38,9 @@ from services.common.errors import (
     problem_bytes,
 )
 from services.common.flags import SoldOutFlags
+from services.common.health import failing_checks
 from services.common.logs import configure_logging, request_id_var
 from services.common.metrics import METRICS_CONTENT_TYPE, RequestStats, render_metrics
-from services.common.middleware import Receive, Scope, Send
 from services.common.tasks import BackgroundTasks
 from services.gateway import domain
 from services.gateway.http import (

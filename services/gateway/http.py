@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.common.asgi import Receive, Scope, Send
 from services.common.errors import PayloadTooLarge, Problem, RequestTimeout
-from services.common.middleware import Receive, Scope, Send
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ID_PREFIX = os.urandom(4).hex()

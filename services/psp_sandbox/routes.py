@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from services.common.app import JSONResponse
-from services.common.middleware import Receive, Scope, Send
+from services.common.asgi import Receive, Scope, Send
 from services.psp_sandbox import domain
 from services.psp_sandbox.schemas import Charge, ChargeIn, ChargeList, FaultsIn, FaultsOut, Stats
 from services.psp_sandbox.state import SandboxState

@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 from redis.asyncio import Redis
 
 from services.common import redis
-from services.common.app import Check, ServiceState
+from services.common.app import ServiceState
+from services.common.health import Check
 from services.psp_sandbox.jobs import CallbackDispatcher
 from services.psp_sandbox.settings import SandboxSettings
 from services.psp_sandbox.store import SandboxStore

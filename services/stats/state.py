@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from services.common.app import Check
 from services.common.errors import ServiceNotReady
+from services.common.health import Check
 from services.common.state import DataState, open_data_state
 from services.stats.aggregates import Aggregates
 from services.stats.buckets import Tiers
