@@ -40,7 +40,9 @@ class Ledger:
     """What the run did that the audit must find in the database."""
 
     callback_prefixes: list[str] = field(default_factory=list)
+    callbacks_sent: int = 0  # requests written (some replies are lost when a tool stops)
     callbacks_processed: int = 0  # "processed" replies the clients saw
+    callbacks_reprocessed: int = 0  # "processed" again for an event already processed
     callbacks_available: bool = False
     stats_accepted: list[str] = field(default_factory=list)
     stats_available: bool = False
@@ -261,13 +263,35 @@ async def check_callbacks(conn: asyncpg.Connection, tables: Schema, ledger: Ledg
     )
     repeated = [{"event_id": r["id"], "rows": int(r["n"])} for r in rows if r["n"] > 1]
     stored = len(rows)
-    mismatch = stored != ledger.callbacks_processed
+    processed, sent = ledger.callbacks_processed, ledger.callbacks_sent
+    # Every "processed" reply must be durable; nothing is stored that was never sent; an
+    # event already processed must never be "processed" again.
+    problems = []
+    if repeated:
+        problems.append(f"{len(repeated)} events stored more than once")
+    if stored < processed:
+        problems.append(f'{processed - stored} "processed" replies with no stored event')
+    if sent and stored > sent:
+        problems.append(f"{stored - sent} more events stored than were sent")
+    if ledger.callbacks_reprocessed:
+        problems.append(
+            f'{ledger.callbacks_reprocessed} repeats of a processed event answered "processed"'
+        )
+    summary = (
+        f'{stored} distinct events stored in {table}.{column}; {processed} replies "processed" '
+        f"out of {sent} sent (replies in flight when a tool stops are never read)"
+    )
     return Check(
         name,
-        "failed" if repeated or mismatch else "passed",
-        f"{stored} distinct events stored, {ledger.callbacks_processed} answered "
-        f'"processed"; {len(repeated)} stored more than once ({table}.{column})',
-        {"repeated": _first(repeated), "stored": stored, "processed": ledger.callbacks_processed},
+        "failed" if problems else "passed",
+        "; ".join([*problems, summary]),
+        {
+            "repeated": _first(repeated),
+            "stored": stored,
+            "processed": processed,
+            "sent": sent,
+            "reprocessed": ledger.callbacks_reprocessed,
+        },
     )
 
 

@@ -29,7 +29,8 @@ INTERFACES = {
     "rsgi": "loadtests.calibration.hello:rsgi_app",
     "asgi": "loadtests.calibration.hello:asgi_app",
 }
-GENERATOR_RATES = (1000, 2000, 4000, 6000, 8000, 12000, 16000)
+GENERATOR_RATES = (1000, 2000, 4000, 8000, 12000)
+GENERATOR_STEP_S = 1.5
 
 
 @dataclass(frozen=True)
@@ -147,22 +148,36 @@ def generator_ceiling(
     best = 0.0
     tried: list[dict[str, float]] = []
     for rate in GENERATOR_RATES:
-        spec = {
-            "host": host,
-            "port": int(port),
-            "rate": rate,
-            "duration_s": 2.0,
-            "close": close,
-            "max_connections": 512,
-            "source": {"kind": "fixed", "method": "GET", "path": "/", "headers": {}},
-        }
-        m = run_openloop(spec=spec, plan=plan, workdir=workdir).measurement.classify([200])
-        lag = float(m.extra["send_lag_ms"]["p99"])
-        tried.append({"rate": rate, "rps": round(m.rps, 1), "send_lag_p99_ms": round(lag, 2)})
-        if m.extra["saturated"] or m.requests < 0.97 * rate * 2.0 or m.errors:
+        # Two tries: one failure may be a neighbour's burst on a shared machine.
+        if not any(_keeps_rate(rate, host, int(port), close, plan, workdir, tried) for _ in "12"):
             break
         best = float(rate)
     return {"sustained_rps": best, "tried": tried}
+
+
+def _keeps_rate(
+    rate: int,
+    host: str,
+    port: int,
+    close: bool,
+    plan: CpuPlan,
+    workdir: Path,
+    tried: list[dict[str, float]],
+) -> bool:
+    """One 2 s open-model run against the hello app: on schedule, every request answered."""
+    spec = {
+        "host": host,
+        "port": port,
+        "rate": rate,
+        "duration_s": GENERATOR_STEP_S,
+        "close": close,
+        "max_connections": 512,
+        "source": {"kind": "fixed", "method": "GET", "path": "/", "headers": {}},
+    }
+    m = run_openloop(spec=spec, plan=plan, workdir=workdir).measurement.classify([200])
+    lag = float(m.extra["send_lag_ms"]["p99"])
+    tried.append({"rate": rate, "rps": round(m.rps, 1), "send_lag_p99_ms": round(lag, 2)})
+    return not (m.extra["saturated"] or m.requests < 0.97 * rate * GENERATOR_STEP_S or m.errors)
 
 
 def calibrate(

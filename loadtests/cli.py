@@ -24,6 +24,7 @@ import httpx
 from loadtests import audit, calibrate, environment, tools
 from loadtests.compare import main as compare_main
 from loadtests.html import render_html
+from loadtests.prepare import PrepareError
 from loadtests.processes import Pinning, discover
 from loadtests.report import SCHEMA_VERSION, SERVICES, load_json, render_markdown, write_json
 from loadtests.results import ScenarioResult
@@ -201,6 +202,12 @@ def run(opts: Options, slo_path: Path | None) -> tuple[int, dict[str, Any], Path
     notes: list[str] = []
     if not any(s in groups for s in SERVICES):
         notes.append("no service process found behind the target's ports: RSS/CPU not sampled")
+    if {"payment", "callbacks", "callbacks-unique"} & set(opts.scenarios):
+        # Before the baseline: the PUT resets the product's units on sale.
+        try:
+            session.ensure_product()
+        except (PrepareError, httpx.HTTPError) as exc:
+            notes.append(f"the load-test product could not be created: {exc}")
     baseline = asyncio.run(_baseline(opts.database_url))
     results: list[ScenarioResult] = []
     with Sampler(groups) as sampler:

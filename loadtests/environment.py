@@ -99,7 +99,10 @@ def collect(
             for name, g in groups.items()
             if name not in ("postgres", "redis")
         },
-        "processes_found": {name: len(g.members()) for name, g in groups.items()},
+        "process_groups": {
+            name: {"processes": len(g.members()), "port": g.port, "notes": g.notes}
+            for name, g in groups.items()
+        },
     }
 
 

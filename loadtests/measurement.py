@@ -34,6 +34,8 @@ class Measurement:
     def classify(self, expected: Iterable[int]) -> Measurement:
         """Count as errors every socket error and every status not in `expected`."""
         ok = {str(s) for s in expected}
+        if any(200 <= s < 300 for s in expected):
+            ok |= {"2xx", "2xx/3xx"}  # ab and plain wrk only tell 2xx from the rest
         self.unexpected = {s: n for s, n in self.statuses.items() if s not in ok and n}
         sock = sum(self.socket_errors.values())
         self.errors = sock + sum(self.unexpected.values())

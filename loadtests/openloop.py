@@ -205,6 +205,7 @@ class Generator:
         reusable = False
         try:
             conn.writer.write(self.source(i))
+            self.rec.marks["sent"] += 1
             status, body, reusable, size = await asyncio.wait_for(
                 read_response(conn.reader), self.timeout_s
             )

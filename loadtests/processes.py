@@ -42,6 +42,7 @@ class ProcessGroup:
     database: str | None = None  # postgres only: keep backends of this database
     port: int | None = None
     notes: list[str] = field(default_factory=list)
+    proportional: bool = False  # memory as PSS (shared pages split), not RSS
 
     def members(self) -> list[psutil.Process]:
         """The live processes of the group now (children re-read every call)."""
@@ -113,6 +114,31 @@ def _topmost(pids: list[int]) -> list[int]:
     return tops
 
 
+def _is_server_process(proc: psutil.Process) -> bool:
+    """A `shopstack serve <svc>` / granian process (not the `shopstack up` launcher)."""
+    try:
+        args = proc.cmdline()
+    except psutil.Error:
+        return False
+    joined = " ".join(args)
+    return "granian" in joined or (
+        "serve" in args and ("services.cli" in joined or "shopstack" in joined)
+    )
+
+
+def service_root(pid: int) -> int:
+    """Climb from a listening worker to the service's main process (granian's parent)."""
+    try:
+        proc = psutil.Process(pid)
+        while True:
+            parent = proc.parent()
+            if parent is None or not _is_server_process(parent):
+                return proc.pid
+            proc = parent
+    except psutil.Error:
+        return pid
+
+
 def service_ports(gateway_port: int) -> dict[str, int]:
     """Each service's port when the stack was started with --base-port `gateway_port`."""
     return {name: gateway_port + offset for name, offset in SERVICE_OFFSETS.items()}
@@ -131,7 +157,7 @@ def discover(
     found = listeners(wanted)
     groups: dict[str, ProcessGroup] = {}
     for name, port in ports.items():
-        pids = _topmost(found.get(port, []))
+        pids = sorted({service_root(pid) for pid in _topmost(found.get(port, []))})
         if pids:
             groups[name] = ProcessGroup(name, pids, port=port)
     if pg is not None and pg_port is not None:
@@ -143,7 +169,11 @@ def discover(
                 pids,
                 database=database,
                 port=pg_port,
-                notes=[f"postmaster, auxiliary processes and backends of database {database}"],
+                proportional=True,
+                notes=[
+                    f"postmaster, auxiliary processes and backends of database {database}; "
+                    "memory is PSS (RSS would count shared buffers once per backend)"
+                ],
             )
     if rd_port is not None:
         pids = _topmost(found.get(rd_port, []))

@@ -237,6 +237,17 @@ def _resources_table(results: list[ScenarioResult]) -> list[str]:
     return lines
 
 
+def _group_notes(env: dict[str, Any]) -> list[str]:
+    groups = env.get("process_groups", {})
+    lines = [
+        f"- {name} (port {info.get('port')}, {info.get('processes')} processes): "
+        + "; ".join(info.get("notes") or ["the listening process and its children"])
+        for name, info in groups.items()
+    ]
+    lines.append("- loadgen: the wrk/ab/generator process of the run")
+    return ["", *lines]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     env = report["environment"]
@@ -278,6 +289,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Resources",
         *_resources_table(results),
+        *_group_notes(env),
         "",
         "## Correctness audit: " + str(audit.get("status", "not run")).upper(),
         "",

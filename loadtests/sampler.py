@@ -97,7 +97,9 @@ class Sampler:
             for member in group.members():
                 proc = self._proc(member)
                 with contextlib.suppress(psutil.Error):
-                    rss += proc.memory_info().rss
+                    # Postgres backends map the same shared buffers: PSS counts them once.
+                    mem = proc.memory_full_info() if group.proportional else proc.memory_info()
+                    rss += getattr(mem, "pss", mem.rss)
                     times = proc.cpu_times()
                     used = times.user + times.system
                     before = self._cpu_seen.get(proc.pid)

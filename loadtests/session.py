@@ -25,7 +25,7 @@ class Options:
 
     target: str = DEFAULT_TARGET
     scenarios: tuple[str, ...] = SCENARIO_NAMES
-    duration_s: float = 6.0
+    duration_s: float = 5.0
     warmup_s: float = 2.0
     repeats: int = 3
     open_duration_s: float = 5.0
@@ -36,7 +36,7 @@ class Options:
     product_ids: int = workload.FLASH_SALE_IDS  # 10: the flash-sale set; 1000: the long tail
     connections: dict[str, int] = field(default_factory=dict)
     calibration: bool = True
-    calibration_duration_s: float = 3.0
+    calibration_duration_s: float = 2.0
     pin: PinMode = "auto"
     database_url: str | None = None
     redis_url: str | None = None
@@ -111,7 +111,7 @@ async def lookup_charge_ids(database_url: str | None, payment_ids: list[str]) ->
             return {}
         rows = await conn.fetch(
             f"SELECT id::text AS id, {audit.ident(column)}::text AS charge "  # noqa: S608
-            f"FROM {audit.ident(table)} id::text = ANY($1::text[])",
+            f"FROM {audit.ident(table)} WHERE id::text = ANY($1::text[])",
             payment_ids,
         )
         return {r["id"]: r["charge"] for r in rows if r["charge"]}

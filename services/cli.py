@@ -120,7 +120,6 @@ def _parse_workers(spec: str) -> dict[str, int]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the whole stack in the foreground; Ctrl-C stops it all."""
-    from services.common.embedded import EmbeddedPostgres, EmbeddedRedis
     from services.common.launcher import Stack, StackPlan, wait_for_stop_signal
 
     settings = load(CommonSettings)
@@ -132,11 +131,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         dsn = settings.database_url
         if not dsn:
+            from services.common.embedded import EmbeddedPostgres  # only without a URL
+
             embedded_pg = EmbeddedPostgres(data_dir / "postgres")
             dsn = embedded_pg.start()
             print(f"embedded PostgreSQL: {dsn}", flush=True)
         redis_url = settings.redis_url
         if not redis_url:
+            from services.common.embedded import EmbeddedRedis
+
             embedded_redis = EmbeddedRedis(data_dir / "redis")
             redis_url = embedded_redis.start()
             print(f"embedded Redis: {redis_url}", flush=True)

@@ -1,7 +1,8 @@
 -- Scenario 4b, unique provider callbacks: each request a distinct, pre-signed event,
 -- POST /api/v1/payments/callbacks/psp. args: <events file> <threads>
 -- Lines: PSP-Signature value TAB raw JSON body. Replies are told apart by body:
--- "processed" (first delivery) or "duplicate" (an event sent before).
+-- "processed" (first delivery) or "duplicate" (an event sent before); "sent" counts
+-- requests written (wrk drops the replies still in flight when the time is up).
 local reqs = {}
 local next_index = 1
 
@@ -23,6 +24,7 @@ function request()
   end
   local r = reqs[next_index]
   next_index = next_index + 1
+  mark("sent")
   return r
 end
 
