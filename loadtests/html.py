@@ -76,6 +76,13 @@ def _nice_max(value: float) -> float:
     return float(10 * exp)
 
 
+def _num(value: float) -> str:
+    """Axis and bar labels: 12,500 rather than 1.25e+04."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
 def _el(tag: str, text: str | None = None, /, **attrs: object) -> str:
     """One SVG element; attribute names use _ for - (class_ for class)."""
     shown = " ".join(
@@ -102,7 +109,7 @@ def _frame(
     for i in range(5):
         y = round(bottom - plot_h * i / 4, 1)
         out.append(_el("line", x1=PAD_L, y1=y, x2=W - PAD_R, y2=y, stroke="#eee"))
-        out.append(_el("text", f"{y_max * i / 4:,.4g}", x=PAD_L - 4, y=y + 4, text_anchor="end"))
+        out.append(_el("text", _num(y_max * i / 4), x=PAD_L - 4, y=y + 4, text_anchor="end"))
     middle = PAD_T + plot_h / 2
     out.append(
         _el(
@@ -116,7 +123,7 @@ def _frame(
     )
     if x_label:
         out.append(_el("text", x_label, x=PAD_L + plot_w / 2, y=H - 6, text_anchor="middle"))
-        out.append(_el("text", f"{x_max:,.4g}", x=W - PAD_R, y=bottom + 14, text_anchor="end"))
+        out.append(_el("text", _num(x_max), x=W - PAD_R, y=bottom + 14, text_anchor="end"))
         out.append(_el("text", "0", x=PAD_L, y=bottom + 14, text_anchor="start"))
     return out
 
@@ -205,7 +212,7 @@ def bar_chart(title: str, bars: Sequence[tuple[str, float]], *, y_label: str) ->
                 fill=COLORS.get(label, "#4292c6"),
             )
         )
-        out.append(_el("text", f"{value:,.3g}", x=centre, y=y - 3, text_anchor="middle"))
+        out.append(_el("text", _num(value), x=centre, y=y - 3, text_anchor="middle"))
         out.append(_el("text", label, x=centre, y=PAD_T + plot_h + 14, text_anchor="middle"))
     out.append("</svg>")
     return "\n".join(out)

@@ -83,7 +83,7 @@ def run_wrk(
         "wrk",
         f"-t{threads}",
         f"-c{connections}",
-        f"-d{duration_s:g}s",
+        f"-d{max(1, round(duration_s))}s",  # wrk takes whole seconds
         f"--timeout={REQUEST_TIMEOUT_S}s",
         "--latency",
         "-s",

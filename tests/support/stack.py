@@ -53,6 +53,7 @@ def start_stack(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    log.close()  # the child has its own copy of the descriptor
     stack = RunningStack(base_port, proc, log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
