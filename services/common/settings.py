@@ -46,30 +46,81 @@ class CommonSettings(BaseSettings):
 
     service_name: ClassVar[str] = "common"
 
-    env: Environment = Environment.DEV
-    database_url: str | None = None
-    redis_url: str | None = None
+    env: Environment = Field(
+        default=Environment.DEV, description="dev, test or prod; prod refuses dev secrets"
+    )
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL DSN (unset under `shopstack up`: embedded server)"
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis URL (unset under `shopstack up`: embedded server)"
+    )
 
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="port to listen on (default: the service's own, 8000-8009)",
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="granian worker processes")
 
-    db_pool_min: int = Field(default=2, ge=0, le=100)
-    db_pool_max: int = Field(default=10, ge=1, le=200)
-    db_command_timeout_s: float = Field(default=5.0, gt=0, le=120)
-    redis_pool_max: int = Field(default=50, ge=1, le=10_000)
-    redis_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    db_pool_min: int = Field(
+        default=2, ge=0, le=100, description="asyncpg pool minimum size, per worker process"
+    )
+    db_pool_max: int = Field(
+        default=10, ge=1, le=200, description="asyncpg pool maximum size, per worker process"
+    )
+    db_command_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="timeout of every SQL statement and of pool acquire"
+    )
+    redis_pool_max: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        description="Redis connections per worker process (callers wait, bounded)",
+    )
+    redis_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="connect, command and pool-wait timeout for Redis"
+    )
 
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
-    body_read_timeout_s: float = Field(default=30.0, gt=0, le=600)
-    header_read_timeout_ms: int = Field(default=10_000, ge=100, le=60_000)
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=64 * 1_048_576,
+        description="largest request body accepted (413 beyond)",
+    )
+    body_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="time a client has to send a whole request body (408 beyond)",
+    )
+    max_header_bytes: int = Field(
+        default=16_384,
+        ge=8192,
+        le=1_048_576,
+        description="request line plus headers; larger (or > 100 headers) gets 431",
+    )
+    header_read_timeout_ms: int = Field(
+        default=10_000,
+        ge=100,
+        le=60_000,
+        description="time a client has to send request headers (granian closes the connection)",
+    )
 
-    log_level: str = "INFO"
-    json_logs: bool = True
+    log_level: str = Field(default="INFO", description="root log level")
+    json_logs: bool = Field(default=True, description="one JSON object per log line")
 
-    jwt_secret: SecretStr | None = None
-    psp_webhook_secret: SecretStr | None = None
-    admin_password: SecretStr | None = None
+    jwt_secret: SecretStr | None = Field(
+        default=None, description="HMAC key for access tokens (secret; >= 32 bytes outside dev)"
+    )
+    psp_webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC key the provider signs callbacks with (secret)"
+    )
+    admin_password: SecretStr | None = Field(
+        default=None, description="password of the seeded admin user (secret)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CommonSettings:

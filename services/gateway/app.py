@@ -1,14 +1,18 @@
-"""The gateway: a pure ASGI app (no framework on the hot path) served by granian.
+"""The gateway: served by granian over RSGI (ASGI too, for tests and uvicorn).
 
-It answers health, metrics and login itself and forwards everything else to
-its upstream over pooled keep-alive connections, after verifying the caller's
-token where the route needs a user.
+It answers health, metrics and login itself, serves product detail from its
+micro-cache, refuses orders for products it knows are sold out, sheds load past
+a per-worker in-flight limit, rate-limits write routes, and forwards everything
+else to its upstream over pooled keep-alive connections after verifying the
+caller's token where the route needs a user.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -17,41 +21,48 @@ import asyncpg
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from starlette.exceptions import HTTPException
+from redis.exceptions import RedisError
 
 from services.common import db, redis
 from services.common import settings as common_settings
 from services.common.app import failing_checks
 from services.common.errors import (
     PROBLEM_CONTENT_TYPE,
+    NotFound,
+    Overloaded,
     Problem,
+    RateLimited,
+    SoldOut,
     Unauthorized,
-    code_for_status,
     problem_bytes,
 )
-from services.common.logs import configure_logging
-from services.common.metrics import METRICS_CONTENT_TYPE, render_metrics
-from services.common.middleware import (
-    ASGIApp,
-    ObservabilityMiddleware,
-    Receive,
-    Scope,
-    Send,
-    header_value,
-    read_body,
-)
+from services.common.logs import configure_logging, request_id_var
+from services.common.metrics import METRICS_CONTENT_TYPE, RequestStats, render_metrics
+from services.common.middleware import Receive, Scope, Send
 from services.gateway import domain
+from services.gateway.http import (
+    Reply,
+    Request,
+    asgi_request,
+    request_id_from,
+    rsgi_request,
+    send_asgi,
+    send_rsgi,
+)
+from services.gateway.microcache import Entry, MicroCache, SoldOutFlags, listen_for_changes
 from services.gateway.passwords import Passwords
-from services.gateway.proxy import IDEMPOTENT_METHODS, Upstream, request_headers
+from services.gateway.proxy import Upstream, request_headers
 from services.gateway.ratelimit import Bucket, RateLimiter
-from services.gateway.routes import Local, Route, build_routes, match
+from services.gateway.routes import WRITES, Local, Route, build_routes, match
 from services.gateway.schemas import LoginIn
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import TokenService, TokenUser
 
 log = logging.getLogger("shopstack.gateway")
 
-JSON = b"application/json"
+JSON = "application/json"
+PRODUCT_PREFIX = "/api/v1/products/"
+SOLD_OUT_TYPE = b'"type":"/problems/sold-out"'
 
 
 class GatewayState:
@@ -80,12 +91,15 @@ class GatewayState:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             ttl_s=settings.jwt_ttl_s,
+            cache_entries=settings.gateway_token_cache_entries,
         )
         self.limiter = RateLimiter(client)
         self.ip_bucket = Bucket(settings.login_ip_rate_per_s, settings.login_ip_burst)
         self.failure_bucket = Bucket(
             settings.login_failure_rate_per_s, settings.login_failure_burst
         )
+        self.write_user_bucket = Bucket(settings.write_user_rate_per_s, settings.write_user_burst)
+        self.write_ip_bucket = Bucket(settings.write_ip_rate_per_s, settings.write_ip_burst)
 
 
 @asynccontextmanager
@@ -112,50 +126,77 @@ async def open_state(settings: GatewaySettings) -> AsyncIterator[GatewayState]:
         yield GatewayState(settings, pool, client, upstreams)
 
 
-async def send_bytes(
-    send: Send,
-    status: int,
-    body: bytes,
-    *,
-    content_type: bytes = JSON,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """Send a complete response with a body."""
-    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    raw.extend(headers or [])
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+def json_reply(status: int, doc: Any, headers: list[tuple[str, str]] | None = None) -> Reply:
+    return Reply(status, [("content-type", JSON), *(headers or [])], orjson.dumps(doc))
 
 
-async def send_error(send: Send, exc: Problem | HTTPException) -> None:
-    """Render a Problem or framework error as problem+json."""
-    if isinstance(exc, Problem):
-        status, code, detail, extra_headers = exc.status, exc.code, exc.detail, exc.headers
-        body = problem_bytes(status, code, detail, title=exc.title, **exc.extra)
-    else:
-        status, code, detail = exc.status_code, code_for_status(exc.status_code), str(exc.detail)
-        extra_headers = dict(exc.headers or {})
-        body = problem_bytes(status, code, detail)
-    headers = [(k.lower().encode(), v.encode()) for k, v in extra_headers.items()]
-    await send_bytes(
-        send, status, body, content_type=PROBLEM_CONTENT_TYPE.encode(), headers=headers
-    )
+def problem_reply(exc: Problem) -> Reply:
+    body = problem_bytes(exc.status, exc.code, exc.detail, title=exc.title, **exc.extra)
+    headers = [("content-type", PROBLEM_CONTENT_TYPE)]
+    headers.extend((k.lower(), v) for k, v in exc.headers.items())
+    return Reply(exc.status, headers, body)
 
 
-def client_ip(scope: Scope, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+def etag_matches(if_none_match: str | None, etag: str | None) -> bool:
+    """RFC 9110 weak comparison of If-None-Match against a strong tag."""
+    if not if_none_match or not etag:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == bare for tag in if_none_match.split(","))
+
+
+def product_key(path: str, query: str) -> int | None:
+    """The product id of a plain product-detail path (the only cached shape)."""
+    if query or not path.startswith(PRODUCT_PREFIX):
+        return None
+    tail = path[len(PRODUCT_PREFIX) :]
+    if not tail.isdigit() or len(tail) > 18:
+        return None
+    return int(tail)
+
+
+def ordered_product(body: bytes) -> int | None:
+    """product_id of an order body, when it is plainly there (else the catalog judges)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(doc, dict):
+        pid = doc.get("product_id")
+        if isinstance(pid, int) and not isinstance(pid, bool):
+            return pid
+    return None
+
+
+class NotReady(Problem):
+    status, code, title = 503, "not-ready", "Service Not Ready"
+
+
+class Invalid(Problem):
+    status, code, title = 422, "validation-error", "Validation Error"
+
+
+class MethodNotAllowed(Problem):
+    status, code, title = 405, "method-not-allowed", "Method Not Allowed"
+
+
+Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def client_ip(peer: str, forwarded: str | None, trusted: Networks) -> str:
     """The peer address; X-Forwarded-For is believed only when the peer is a trusted proxy."""
-    peer = (scope.get("client") or ("0.0.0.0", 0))[0]  # noqa: S104 (a placeholder, not a bind)
-    forwarded = header_value(scope, b"x-forwarded-for")
     if not forwarded or not trusted or not _in(peer, trusted):
-        return str(peer)
-    hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+        return peer
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     for hop in reversed(hops):  # the rightmost address no trusted proxy vouches for
         if not _in(hop, trusted):
             return hop
-    return str(peer)
+    return peer
 
 
-def _in(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def _in(address: str, networks: Networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -163,89 +204,193 @@ def _in(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Netwo
     return any(ip in net for net in networks)
 
 
-def bearer_token(scope: Scope) -> str | None:
-    raw = header_value(scope, b"authorization")
-    if raw is None:
+def bearer_token(value: str | None) -> str | None:
+    if value is None:
         return None
-    scheme, _, token = raw.decode("latin-1").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class Gateway:
-    """The ASGI application (wrapped by ObservabilityMiddleware in create_app)."""
+    """The application object: RSGI (`__rsgi__`) and ASGI (`__call__`)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.routes = build_routes(settings)
-        self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+        self.trusted: Networks = [
+            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
+        ]
+        self.cache = MicroCache(
+            ttl_s=settings.gateway_microcache_ttl_s,
+            max_entries=settings.gateway_microcache_entries,
+        )
+        self.sold_out = SoldOutFlags(ttl_s=settings.gateway_sold_out_ttl_s)
+        self.stats = RequestStats("gateway")
+        self.max_in_flight = settings.gateway_max_in_flight
         self.state: GatewayState | None = None
         self._stack: AsyncExitStack | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._stack = AsyncExitStack()
+        self.state = await self._stack.enter_async_context(open_state(self.settings))
+        self._tasks = [
+            asyncio.create_task(self._flush_stats(), name="gateway-stats"),
+            asyncio.create_task(
+                listen_for_changes(
+                    self.state.redis, self._on_product_change, self.cache.clear, self._stopping
+                ),
+                name="gateway-product-changes",
+            ),
+        ]
+        log.info("started", extra={"port": self.settings.listen_port})
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        await stop_tasks(self._tasks)
+        self.stats.flush()
+        if self._stack is not None:
+            await self._stack.aclose()
+        log.info("stopped")
+
+    def _on_product_change(self, product_id: int) -> None:
+        self.cache.invalidate(product_id)
+        self.sold_out.clear(product_id)
+
+    async def _flush_stats(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(1.0)
+            self.stats.flush()
+
+    # -- RSGI --------------------------------------------------------------------------
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.startup())
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_until_complete(self.shutdown())
+
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        if scope.proto != "http":
+            return
+        started = time.perf_counter()
+        method = scope.method
+        headers = scope.headers
+        rid = request_id_from(headers.get("x-request-id"))
+        # The hot path: a cached product page is answered without leaving this frame.
+        key = product_key(scope.path, scope.query_string) if method in ("GET", "HEAD") else None
+        entry = self.cache.get(key) if key is not None else None
+        if entry is not None:
+            reply = self._from_cache(entry, headers.get("if-none-match"), rid)
+            send_rsgi(protocol, reply, head=method == "HEAD")
+            self.stats.record(
+                "/api/v1/products/{id}", method, reply.status, time.perf_counter() - started
+            )
+            return
+        request = rsgi_request(scope, protocol)
+        route, reply = await self.handle(request, rid)
+        send_rsgi(protocol, reply, head=method == "HEAD")
+        self.stats.record(route, method, reply.status, time.perf_counter() - started)
+
+    # -- ASGI --------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self.http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self.lifespan(receive, send)
+        if scope["type"] == "lifespan":
+            await self._asgi_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        request = asgi_request(scope, receive)
+        rid = request_id_from(request.headers.get("x-request-id"))
+        route, reply = await self.handle(request, rid)
+        await send_asgi(send, reply, head=request.method == "HEAD")
+        self.stats.record(route, request.method, reply.status, time.perf_counter() - started)
 
-    async def lifespan(self, receive: Receive, send: Send) -> None:
+    async def _asgi_lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self._stack = AsyncExitStack()
-                    self.state = await self._stack.enter_async_context(open_state(self.settings))
+                    await self.startup()
                 except Exception as exc:
                     log.exception("gateway failed to start")
                     await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     return
-                log.info("started", extra={"port": self.settings.listen_port})
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._stack is not None:
-                    await self._stack.aclose()
-                log.info("stopped")
+                await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = match(self.routes, scope["path"])
-        if route is None:
-            await send_error(send, HTTPException(404, f"no route for {scope['path']}"))
-            return
-        scope["shopstack.route"] = route.name
-        if scope["method"] not in route.methods:
-            allow = ", ".join(sorted(route.methods))
-            await send_error(send, HTTPException(405, "method not allowed", {"Allow": allow}))
-            return
+    # -- dispatch ----------------------------------------------------------------------
+
+    async def handle(self, request: Request, rid: str) -> tuple[str, Reply]:
+        """Route and answer one request; every failure becomes a problem reply."""
+        token = request_id_var.set(rid)
+        route_name = "unmatched"
+        self.stats.in_flight += 1
         try:
+            route = match(self.routes, request.path)
+            if route is None:
+                raise NotFound(f"no route for {request.path}")
+            route_name = route.name
+            if request.method not in route.methods:
+                allow = ", ".join(sorted(route.methods))
+                raise MethodNotAllowed("method not allowed", headers={"Allow": allow})
+            if route.sheddable and self.stats.in_flight > self.max_in_flight:
+                raise Overloaded("the gateway is at capacity; retry shortly", retry_after_s=1)
             if route.local is not None:
-                await self.local(route, scope, receive, send)
+                reply = await self.local(route, request)
             else:
-                await self.forward(route, scope, receive, send)
-        except (Problem, HTTPException) as exc:
-            await send_error(send, exc)
+                reply = await self.forward(route, request, rid)
+        except Problem as exc:
+            reply = problem_reply(exc)
         except Exception:
-            log.exception("unhandled error", extra={"path": scope["path"]})
-            await send_error(send, HTTPException(500, "an unexpected error occurred"))
+            log.exception("unhandled error", extra={"path": request.path})
+            reply = Reply(
+                500,
+                [("content-type", PROBLEM_CONTENT_TYPE)],
+                problem_bytes(500, "internal-error", "an unexpected error occurred"),
+            )
+        finally:
+            self.stats.in_flight -= 1
+            request_id_var.reset(token)
+        reply.headers.append(("x-request-id", rid))
+        return route_name, reply
 
     def _state(self) -> GatewayState:
         if self.state is None:
-            raise HTTPException(503, "the gateway is starting")
+            raise NotReady("the gateway is starting")
         return self.state
 
-    async def local(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
-        if route.local is Local.HEALTHZ:
-            await send_bytes(send, 200, b'{"status":"ok"}')
-        elif route.local is Local.METRICS:
-            await send_bytes(
-                send, 200, render_metrics(), content_type=METRICS_CONTENT_TYPE.encode()
-            )
-        elif route.local is Local.READYZ:
-            await self.readyz(send)
-        elif route.local is Local.LOGIN:
-            await self.login(route, scope, receive, send)
+    def _from_cache(
+        self, entry: Entry, if_none_match: str | None, rid: str | None, status: str = "hit"
+    ) -> Reply:
+        """A reply from a cache entry (the request id is added here only on the hot path)."""
+        tail = [("x-cache", status)]
+        if rid is not None:
+            tail.append(("x-request-id", rid))
+        if entry.status == 200 and etag_matches(if_none_match, entry.etag):
+            headers = [h for h in entry.headers if h[0] != "content-type"]
+            return Reply(304, headers + tail)
+        return Reply(entry.status, entry.headers + tail, entry.body)
 
-    async def readyz(self, send: Send) -> None:
+    async def local(self, route: Route, request: Request) -> Reply:
+        if route.local is Local.HEALTHZ:
+            return Reply(200, [("content-type", JSON)], b'{"status":"ok"}')
+        if route.local is Local.METRICS:
+            self.stats.flush()
+            return Reply(200, [("content-type", METRICS_CONTENT_TYPE)], render_metrics())
+        if route.local is Local.READYZ:
+            return await self.readyz()
+        return await self.login(route, request)
+
+    async def readyz(self) -> Reply:
         state = self._state()
         checks = {
             "postgres": lambda: db.ping(state.db),
@@ -253,17 +398,15 @@ class Gateway:
             **{name: _health_probe(up) for name, up in state.upstreams.items()},
         }
         failed = await failing_checks(checks)
+        status = {name: ("down" if name in failed else "ok") for name in checks}
         if failed:
-            detail = "not ready: " + ", ".join(sorted(failed))
-            status = {name: ("down" if name in failed else "ok") for name in checks}
-            raise _NotReady(detail, extra={"checks": status})
-        ok = {"status": "ok", "checks": dict.fromkeys(checks, "ok")}
-        await send_bytes(send, 200, orjson.dumps(ok))
+            raise NotReady("not ready: " + ", ".join(sorted(failed)), extra={"checks": status})
+        return json_reply(200, {"status": "ok", "checks": status})
 
-    async def login(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    async def login(self, route: Route, request: Request) -> Reply:
         state = self._state()
-        body = await read_body(
-            scope, receive, limit=route.max_body_bytes, timeout_s=self.settings.body_read_timeout_s
+        body = await request.body(
+            limit=route.max_body_bytes, timeout_s=self.settings.body_read_timeout_s
         )
         try:
             data = LoginIn.model_validate_json(body)
@@ -272,7 +415,7 @@ class Gateway:
                 {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
                 for e in exc.errors(include_input=False)
             ]
-            raise _Invalid("the request is not valid", extra={"errors": errors}) from None
+            raise Invalid("the request is not valid", extra={"errors": errors}) from None
         token = await domain.login(
             pool=state.db,
             passwords=state.passwords,
@@ -282,73 +425,151 @@ class Gateway:
             failure_bucket=state.failure_bucket,
             username=data.username,
             password=data.password,
-            client_ip=client_ip(scope, self.trusted),
+            client_ip=self._client_ip(request),
         )
         reply = {"access_token": token, "token_type": "bearer", "expires_in": state.tokens.ttl_s}
-        await send_bytes(send, 200, orjson.dumps(reply), headers=[(b"cache-control", b"no-store")])
+        return json_reply(200, reply, [("cache-control", "no-store")])
 
-    async def forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    def _client_ip(self, request: Request) -> str:
+        return client_ip(request.client, request.headers.get("x-forwarded-for"), self.trusted)
+
+    async def forward(self, route: Route, request: Request, rid: str) -> Reply:
         state = self._state()
         user: TokenUser | None = None
         if route.needs_user:
-            token = bearer_token(scope)
-            user = state.tokens.verify(token) if token else None
+            token = bearer_token(request.headers.get("authorization"))
+            user = state.tokens.verify_cached(token) if token else None
             if user is None:
                 raise Unauthorized("a valid bearer token is required")
-        body = await read_body(
-            scope, receive, limit=route.max_body_bytes, timeout_s=self.settings.body_read_timeout_s
+        if route.cached:
+            key = product_key(request.path, request.query)
+            if key is not None:
+                entry = self.cache.get(key)
+                status = "hit"
+                if entry is None:
+                    entry = await self.cache.fetch(key, lambda: self._load(route, request, rid))
+                    status = "miss"
+                return self._from_cache(entry, request.headers.get("if-none-match"), None, status)
+        body = await request.body(
+            limit=route.max_body_bytes, timeout_s=self.settings.body_read_timeout_s
         )
-        ip = client_ip(scope, self.trusted)
-        extra = {
-            "X-Request-Id": scope["shopstack.request_id"],
-            "X-Forwarded-For": ip,
-            "X-Forwarded-Proto": scope.get("scheme", "http"),
-        }
+        is_write = request.method in WRITES
+        has_key = request.headers.get("idempotency-key") is not None
+        sold_out_candidate = None
+        if route.name == "/api/v1/orders" and request.method == "POST" and not has_key:
+            # A replayed idempotent order must see its first reply, so keyed requests pass.
+            sold_out_candidate = ordered_product(body)
+            if sold_out_candidate is not None and self.sold_out.is_sold_out(sold_out_candidate):
+                raise SoldOut(f"product {sold_out_candidate} is sold out")
+        ip = self._client_ip(request)
+        if route.rate_limited and is_write:
+            await self._rate_limit(state, user, ip)
+        reply = await self._upstream_call(route, request, rid, body, user, ip, has_key)
+        if sold_out_candidate is not None and reply.status == 409 and SOLD_OUT_TYPE in reply.body:
+            self.sold_out.mark(sold_out_candidate)
+        return reply
+
+    async def _rate_limit(self, state: GatewayState, user: TokenUser | None, ip: str) -> None:
+        try:
+            if user is not None:
+                by_user = await state.limiter.take(
+                    f"write-user:{user.user_id}", state.write_user_bucket
+                )
+                if not by_user.allowed:
+                    raise RateLimited("too many requests", retry_after_s=by_user.retry_after_s)
+            by_ip = await state.limiter.take(f"write-ip:{ip}", state.write_ip_bucket)
+            if not by_ip.allowed:
+                raise RateLimited("too many requests", retry_after_s=by_ip.retry_after_s)
+        except RedisError as exc:
+            # Writes stay available without Redis (login alone fails closed).
+            log.warning(
+                "rate limiter unavailable; letting the request through", extra={"error": str(exc)}
+            )
+
+    async def _upstream_call(
+        self,
+        route: Route,
+        request: Request,
+        rid: str,
+        body: bytes,
+        user: TokenUser | None,
+        ip: str,
+        has_key: bool,
+    ) -> Reply:
+        extra = {"x-request-id": rid, "x-forwarded-for": ip, "x-forwarded-proto": request.scheme}
         if user is not None:
-            extra["X-User-Id"] = user.user_id
-            extra["X-User-Role"] = user.role
-        method = scope["method"]
-        has_key = header_value(scope, b"idempotency-key") is not None
-        may_retry = method in IDEMPOTENT_METHODS or has_key
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        path_qs = raw_path.decode("latin-1")
-        if scope.get("query_string"):
-            path_qs += "?" + scope["query_string"].decode("latin-1")
+            extra["x-user-id"] = user.user_id
+            extra["x-user-role"] = user.role
+        path_qs = request.path + ("?" + request.query if request.query else "")
         assert route.upstream is not None
-        reply = await state.upstreams[route.upstream].forward(
-            method,
-            path_qs,
-            request_headers(scope["headers"], extra),
-            body,
-            timeout_s=route.timeout_s,
-            may_retry=may_retry,
+        # aiohttp itself resends an idempotent method once when its connection dies before
+        # the answer (RFC 9112 9.3.1); a POST is resent once only with an Idempotency-Key.
+        may_retry = has_key and request.method == "POST"
+        reply = (
+            await self._state()
+            .upstreams[route.upstream]
+            .forward(
+                request.method,
+                path_qs,
+                request_headers(list(request.headers.items()), extra),
+                body,
+                timeout_s=route.timeout_s,
+                may_retry=may_retry,
+            )
         )
-        headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": reply.body if method != "HEAD" else b""})
+        return Reply(reply.status, reply.headers, reply.body)
+
+    async def _load(self, route: Route, request: Request, rid: str) -> Entry:
+        extra = {"x-request-id": rid}
+        assert route.upstream is not None
+        reply = (
+            await self._state()
+            .upstreams[route.upstream]
+            .forward(
+                "GET",
+                request.path,
+                list(extra.items()),
+                b"",
+                timeout_s=route.timeout_s,
+                may_retry=False,
+            )
+        )
+        keep = ("content-type", "etag", "cache-control")
+        headers = [(k, v) for k, v in reply.headers if k in keep]
+        etag = next((v for k, v in headers if k == "etag"), None)
+        return Entry(
+            reply.status, headers, reply.body, etag, time.monotonic() + self.cache.lifetime()
+        )
 
 
-class _NotReady(Problem):
-    status, code, title = 503, "not-ready", "Service Not Ready"
-
-
-class _Invalid(Problem):
-    status, code, title = 422, "validation-error", "Validation Error"
+async def stop_tasks(tasks: list[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
+    """Cancel background tasks and wait for them, cancelling again if one ignores it."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+    if pending:
+        log.error("background tasks did not stop", extra={"tasks": [t.get_name() for t in pending]})
 
 
 def _health_probe(upstream: Upstream) -> Any:
     async def probe() -> None:
-        reply = await upstream.forward("GET", "/healthz", [], b"", timeout_s=1.0, may_retry=True)
+        reply = await upstream.forward("GET", "/healthz", [], b"", timeout_s=1.0, may_retry=False)
         if reply.status != 200:
             raise RuntimeError(f"{upstream.name} answered {reply.status}")
 
     return probe
 
 
-def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
-    """Build the gateway ASGI app; settings come from the environment unless given."""
+def create_app(settings: GatewaySettings | None = None) -> Gateway:
+    """Build the gateway; settings come from the environment unless given."""
     resolved = settings or common_settings.load(GatewaySettings)
     assert isinstance(resolved, GatewaySettings)
     resolved.secret("jwt_secret")  # fail fast on a missing or weak secret
     configure_logging("gateway", level=resolved.log_level, json_logs=resolved.json_logs)
-    return ObservabilityMiddleware(Gateway(resolved), service="gateway")
+    return Gateway(resolved)

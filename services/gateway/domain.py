@@ -39,7 +39,7 @@ async def login(
     """
     try:
         by_ip = await limiter.take(f"login-ip:{client_ip}", ip_bucket)
-        by_user = await limiter.take(f"login-fail:{username}", failure_bucket, cost=0)
+        by_user = await limiter.peek(f"login-fail:{username}", failure_bucket)
     except RedisError as exc:
         log.error("rate limiter unavailable; refusing logins", extra={"error": str(exc)})
         raise UpstreamUnavailable("login is unavailable right now", retry_after_s=1) from None

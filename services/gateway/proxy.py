@@ -45,53 +45,40 @@ DROP_REQUEST = HOP_BY_HOP | {
     "forwarded",
     "x-real-ip",
 }
-DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
+# x-request-id: the gateway adds its own (the same id, which it forwarded upstream).
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date", "x-request-id"}
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True)
 class UpstreamReply:
     status: int
-    headers: list[tuple[bytes, bytes]]
+    headers: list[tuple[str, str]]  # lower-case names, hop-by-hop removed
     body: bytes
 
 
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[str]:
-    """Header names a Connection header marks as hop-by-hop."""
+def connection_tokens(headers: list[tuple[str, str]]) -> set[str]:
+    """Header names a Connection header marks as hop-by-hop (names lower-case)."""
     named: set[str] = set()
     for key, value in headers:
-        if key == b"connection":
-            named.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+        if key == "connection":
+            named.update(t.strip().lower() for t in value.split(","))
     return named
 
 
-def request_headers(raw: list[tuple[bytes, bytes]], extra: dict[str, str]) -> list[tuple[str, str]]:
+def request_headers(raw: list[tuple[str, str]], extra: dict[str, str]) -> list[tuple[str, str]]:
     """Client headers minus hop-by-hop and identity headers, plus the gateway's own."""
     drop = DROP_REQUEST | connection_tokens(raw)
-    out = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in raw
-        if k.decode("latin-1").lower() not in drop
-    ]
+    out = [(k, v) for k, v in raw if k not in drop]
     out.extend(extra.items())
     return out
 
 
-def response_headers(raw: CIMultiDictProxy[str]) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """Upstream response headers minus hop-by-hop ones."""
-    items = list(raw.items())
-    named = {
-        t.strip().lower()
-        for k, v in items
-        if str(k).lower() == "connection"
-        for t in str(v).split(",")
-    }
-    drop = DROP_RESPONSE | named
-    return [
-        (str(k).lower().encode("latin-1"), str(v).encode("latin-1"))
-        for k, v in items
-        if str(k).lower() not in drop
-    ]
+    items = [(k.lower(), v) for k, v in raw.items()]
+    drop = DROP_RESPONSE | connection_tokens(items)
+    return [(k, v) for k, v in items if k not in drop]
 
 
 class Upstream:

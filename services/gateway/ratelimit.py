@@ -16,6 +16,7 @@ _TAKE = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local consume = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -29,12 +30,14 @@ tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
 local allowed = 0
 local wait = 0
 if tokens >= cost then
-    tokens = tokens - cost
     allowed = 1
+    if consume then
+        tokens = tokens - cost
+    end
 else
     wait = (cost - tokens) / rate
 end
-if cost > 0 or allowed == 0 then
+if consume then
     redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
     redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 end
@@ -60,8 +63,16 @@ class RateLimiter:
         self.prefix = prefix
 
     async def take(self, key: str, bucket: Bucket, cost: int = 1) -> Decision:
-        """Take `cost` tokens (0 only checks); RedisError propagates so callers fail closed."""
+        """Take `cost` tokens if there are enough; RedisError propagates (callers fail closed)."""
+        return await self._run(key, bucket, cost, consume=True)
+
+    async def peek(self, key: str, bucket: Bucket, cost: int = 1) -> Decision:
+        """Would `take` succeed? Takes nothing."""
+        return await self._run(key, bucket, cost, consume=False)
+
+    async def _run(self, key: str, bucket: Bucket, cost: int, *, consume: bool) -> Decision:
         allowed, wait = await self._script(
-            keys=[f"{self.prefix}:{key}"], args=[bucket.rate_per_s, bucket.burst, cost]
+            keys=[f"{self.prefix}:{key}"],
+            args=[bucket.rate_per_s, bucket.burst, cost, "1" if consume else "0"],
         )
         return Decision(bool(int(allowed)), max(1, math.ceil(float(wait))))

@@ -28,6 +28,9 @@ class Route:
     exact: bool = False
     timeout_s: float = 3.0
     max_body_bytes: int = 65_536
+    rate_limited: bool = False  # write routes: per-user and per-IP token buckets
+    sheddable: bool = True
+    cached: bool = False  # product detail: served from the micro-cache
 
     def matches(self, path: str) -> bool:
         if path == self.prefix:
@@ -36,6 +39,7 @@ class Route:
 
 
 READ = frozenset({"GET", "HEAD"})
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -45,9 +49,9 @@ def build_routes(settings: GatewaySettings) -> list[Route]:
     read_t = settings.gateway_read_timeout_s
     write_t = settings.gateway_write_timeout_s
     return [
-        Route("/healthz", "/healthz", READ, local=Local.HEALTHZ, exact=True),
-        Route("/readyz", "/readyz", READ, local=Local.READYZ, exact=True),
-        Route("/metrics", "/metrics", READ, local=Local.METRICS, exact=True),
+        Route("/healthz", "/healthz", READ, local=Local.HEALTHZ, exact=True, sheddable=False),
+        Route("/readyz", "/readyz", READ, local=Local.READYZ, exact=True, sheddable=False),
+        Route("/metrics", "/metrics", READ, local=Local.METRICS, exact=True, sheddable=False),
         Route(
             "/api/v1/auth/login",
             "/api/v1/auth/login",
@@ -59,7 +63,14 @@ def build_routes(settings: GatewaySettings) -> list[Route]:
         Route(
             "/api/v1/products", "/api/v1/products", READ, "catalog", exact=True, timeout_s=read_t
         ),
-        Route("/api/v1/products/{id}", "/api/v1/products", READ, "catalog", timeout_s=read_t),
+        Route(
+            "/api/v1/products/{id}",
+            "/api/v1/products",
+            READ,
+            "catalog",
+            timeout_s=read_t,
+            cached=True,
+        ),
         Route(
             "/api/v1/orders",
             "/api/v1/orders",
@@ -68,6 +79,7 @@ def build_routes(settings: GatewaySettings) -> list[Route]:
             needs_user=True,
             timeout_s=write_t,
             max_body_bytes=small,
+            rate_limited=True,
         ),
         Route(
             "/api/v1/admin/products",
@@ -95,6 +107,7 @@ def build_routes(settings: GatewaySettings) -> list[Route]:
             needs_user=True,
             timeout_s=write_t,
             max_body_bytes=small,
+            rate_limited=True,
         ),
         Route(
             "/api/v1/events",
@@ -104,6 +117,7 @@ def build_routes(settings: GatewaySettings) -> list[Route]:
             exact=True,
             timeout_s=write_t,
             max_body_bytes=settings.max_body_bytes,
+            rate_limited=True,
         ),
         Route("/api/v1/stats", "/api/v1/stats", READ, "stats", timeout_s=read_t),
     ]

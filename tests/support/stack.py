@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import psutil
@@ -23,6 +24,7 @@ class RunningStack:
     base_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    log_file: BinaryIO
 
     def url(self, service: str = "gateway") -> str:
         return f"http://127.0.0.1:{self.base_port + DEFAULT_PORTS[service] - 8000}"
@@ -53,8 +55,7 @@ def start_stack(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    log.close()  # the child has its own copy of the descriptor
-    stack = RunningStack(base_port, proc, log_path)
+    stack = RunningStack(base_port, proc, log_path, log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -78,6 +79,7 @@ def stop_stack(stack: RunningStack, timeout_s: float = 30.0) -> list[int]:
     except subprocess.TimeoutExpired:
         stack.process.kill()
         stack.process.wait(5)
+    stack.log_file.close()
     _, alive = psutil.wait_procs(descendants, timeout=5)
     for proc in alive:
         proc.kill()

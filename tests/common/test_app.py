@@ -1,0 +1,82 @@
+"""build_app(): problem+json for every failure, body limits and deadlines, request ids."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Request
+
+from services.common.app import ServiceState, build_app
+from services.common.settings import CommonSettings
+from tests.support.asgi import client_for
+
+router = APIRouter()
+
+
+@router.get("/boom")
+async def boom() -> dict[str, str]:
+    raise RuntimeError("secret internals /etc/passwd")
+
+
+@router.post("/echo")
+async def echo(request: Request) -> dict[str, int]:
+    return {"bytes": len(await request.body())}
+
+
+def make_app(**overrides: object) -> object:
+    settings = CommonSettings(log_level="CRITICAL", **overrides)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(s: CommonSettings) -> AsyncIterator[ServiceState]:
+        yield ServiceState(s)
+
+    return build_app(
+        settings=settings, title="t", description="t", lifespan=lifespan, routers=[router]
+    )
+
+
+async def test_unhandled_errors_are_plain_500_problems() -> None:
+    async with client_for(make_app()) as client:
+        resp = await client.get("/boom")
+    assert resp.status_code == 500
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["type"] == "/problems/internal-error"
+    assert "secret internals" not in resp.text
+    assert "Traceback" not in resp.text
+    assert resp.headers["x-request-id"]
+
+
+async def test_slow_body_times_out_with_408() -> None:
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b"{"
+        await asyncio.sleep(1.0)
+        yield b"}"
+
+    async with client_for(make_app(body_read_timeout_s=0.2)) as client:
+        resp = await client.post("/echo", content=trickle())
+    assert resp.status_code == 408
+    assert resp.json()["type"] == "/problems/request-timeout"
+
+
+async def test_bodies_within_the_limit_pass() -> None:
+    async with client_for(make_app(max_body_bytes=2048)) as client:
+        ok = await client.post("/echo", content=b"x" * 2048)
+        too_big = await client.post("/echo", content=b"x" * 2049)
+    assert ok.json() == {"bytes": 2048}
+    assert too_big.status_code == 413
+
+
+async def test_bad_content_length_is_400() -> None:
+    async with client_for(make_app()) as client:
+        resp = await client.post("/echo", content=b"abc", headers={"Content-Length": "x3"})
+    assert resp.status_code == 400
+    assert resp.headers["content-type"] == "application/problem+json"
+
+
+async def test_readyz_without_dependencies_is_ok() -> None:
+    async with client_for(make_app()) as client:
+        resp = await client.get("/readyz")
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok", "checks": {}}

@@ -1,0 +1,145 @@
+"""End to end through real processes started by `shopstack up` (granian, real ports)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from services.common.settings import DEV_SECRETS, SERVICES
+from tests.gateway.helpers import assert_problem
+from tests.support.stack import RunningStack, ready
+
+
+def token_for(stack: RunningStack, username: str, password: str) -> str:
+    resp = httpx.post(
+        stack.url() + "/api/v1/auth/login",
+        json={"username": username, "password": password},
+        timeout=10,
+    )
+    assert resp.status_code == 200, resp.text
+    token: str = resp.json()["access_token"]
+    return token
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_is_ready(stack: RunningStack, service: str) -> None:
+    assert ready(stack.url(service))
+    assert httpx.get(stack.url(service) + "/healthz").json() == {"status": "ok"}
+    metrics = httpx.get(stack.url(service) + "/metrics")
+    assert metrics.status_code == 200
+    assert "shopstack_http_requests_total" in metrics.text
+
+
+@pytest.mark.parametrize("service", ["catalog", "payment", "stats", "psp_sandbox"])
+def test_services_publish_openapi(stack: RunningStack, service: str) -> None:
+    schema = httpx.get(stack.url(service) + "/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+
+
+def test_login_and_read_a_product_through_the_gateway(stack: RunningStack) -> None:
+    token = token_for(stack, "demo1", "demo-password-1")
+    with httpx.Client(base_url=stack.url(), headers={"Authorization": f"Bearer {token}"}) as c:
+        first = c.get("/api/v1/products/1")
+        assert first.status_code == 200
+        product = first.json()
+        assert product["id"] == 1
+        assert product["flash_sale"]["per_user_limit"] >= 1
+        etag = first.headers["etag"]
+        again = c.get("/api/v1/products/1", headers={"If-None-Match": etag})
+        assert again.status_code == 304
+        page = c.get("/api/v1/products", params={"limit": 5}).json()
+        assert [p["id"] for p in page["items"]] == [1, 2, 3, 4, 5]
+        assert page["next"] == 5
+
+
+def test_admin_put_through_the_gateway_is_visible_within_a_second(stack: RunningStack) -> None:
+    admin = token_for(stack, "admin", DEV_SECRETS["admin_password"])
+    user = token_for(stack, "demo2", "demo-password-2")
+    url = stack.url() + "/api/v1/products/15"
+    before = httpx.get(url).json()
+    body = {k: before[k] for k in ("sku", "name", "description", "price_cents", "currency")}
+    body |= {"stock": 77, "flash_sale": None, "name": "Renamed through the gateway"}
+    forbidden = httpx.put(
+        stack.url() + "/api/v1/admin/products/15",
+        json=body,
+        headers={"Authorization": f"Bearer {user}"},
+    )
+    assert_problem(forbidden, 403, "forbidden")
+    changed = httpx.put(
+        stack.url() + "/api/v1/admin/products/15",
+        json=body,
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    assert changed.status_code == 200, changed.text
+    deadline = time.monotonic() + 1.0
+    seen = None
+    while time.monotonic() < deadline:
+        seen = httpx.get(url).json()
+        if seen["name"] == "Renamed through the gateway":
+            break
+        time.sleep(0.05)
+    assert seen is not None
+    assert seen["name"] == "Renamed through the gateway"
+    assert seen["stock"] == 77
+
+
+def test_errors_through_the_gateway_are_problems(stack: RunningStack) -> None:
+    assert_problem(httpx.get(stack.url() + "/api/v1/products/abc"), 422, "validation-error")
+    assert_problem(httpx.get(stack.url() + "/api/v1/products/999999"), 404, "not-found")
+    assert_problem(httpx.get(stack.url() + "/nope"), 404, "not-found")
+    assert_problem(httpx.get(stack.url() + "/api/v1/orders/1"), 401, "unauthorized")
+
+
+def test_request_id_is_forwarded_and_echoed(stack: RunningStack) -> None:
+    resp = httpx.get(stack.url() + "/api/v1/products/2", headers={"X-Request-Id": "trace-me-7"})
+    assert resp.headers["x-request-id"] == "trace-me-7"
+
+
+def raw_request(url: str, head: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head)
+        return sock.recv(256)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_480 + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(1000))
+        + b"\r\n",
+    ],
+    ids=["20-KiB-header", "1000-headers"],
+)
+@pytest.mark.parametrize("service", ["gateway", "catalog"])
+def test_header_abuse_is_431(stack: RunningStack, service: str, head: bytes) -> None:
+    """IN-4: our own header cap, the same on every service."""
+    assert raw_request(stack.url(service), head).startswith(b"HTTP/1.1 431")
+
+
+def test_large_bodies_still_flow(stack: RunningStack) -> None:
+    """The header cap is not a body cap: pages far larger than it pass through."""
+    admin = token_for(stack, "admin", DEV_SECRETS["admin_password"])
+    for pid in (19, 20):
+        body = {
+            "sku": f"SKU-BIG-{pid}",
+            "name": "Big",
+            "description": "x" * 9_500,
+            "price_cents": 100,
+            "currency": "EUR",
+            "stock": 1,
+        }
+        put = httpx.put(
+            stack.url() + f"/api/v1/admin/products/{pid}",
+            json=body,
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        assert put.status_code == 200, put.text
+    page = httpx.get(stack.url() + "/api/v1/products", params={"after": 18, "limit": 2})
+    assert page.status_code == 200
+    assert len(page.content) > 16_384
+    assert [p["description"] for p in page.json()["items"]] == ["x" * 9_500] * 2
