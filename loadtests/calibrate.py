@@ -187,27 +187,41 @@ def calibrate(
     plan: CpuPlan,
     workdir: Path,
     interfaces: tuple[str, ...] = ("rsgi", "asgi"),
+    rounds: int = 2,
     measure_generator: bool = True,
 ) -> dict[str, Any]:
-    """Ceilings per interface and shape, plus the open-model generator's own ceiling."""
+    """Ceilings per interface and shape, plus the open-model generator's own ceiling.
+
+    Both hello apps run side by side (idle when not measured) and every shape is
+    measured on each in turn, `rounds` times: on a shared machine a neighbour's
+    burst only ever lowers a figure, so the ceiling is the best round, and
+    interleaving keeps one interface from getting all the quiet moments.
+    """
     out: dict[str, Any] = {
         "app": "loadtests/calibration/hello.py under granian (http1, uvloop)",
         "workers": len(plan.services) if plan.services else 1,
         "duration_s": duration_s,
-        "ceilings": {},
+        "rounds": rounds,
+        "ceilings": {i: {} for i in interfaces},
+        "rounds_rps": {i: {} for i in interfaces},
         "generator": {},
     }
-    for interface in interfaces:
-        with hello_server(interface, plan) as url:
-            out["ceilings"][interface] = {
-                s.key: round(
-                    measure_shape(s, url, duration_s=duration_s, plan=plan, workdir=workdir), 1
-                )
-                for s in shapes
+    with contextlib.ExitStack() as servers:
+        urls = {i: servers.enter_context(hello_server(i, plan)) for i in interfaces}
+        for shape in shapes:
+            for _ in range(rounds):
+                for interface, url in urls.items():
+                    rps = measure_shape(
+                        shape, url, duration_s=duration_s, plan=plan, workdir=workdir
+                    )
+                    out["rounds_rps"][interface].setdefault(shape.key, []).append(round(rps, 1))
+            for interface in interfaces:
+                out["ceilings"][interface][shape.key] = max(out["rounds_rps"][interface][shape.key])
+        if measure_generator and "rsgi" in urls:
+            out["generator"] = {
+                "keepalive": generator_ceiling(
+                    urls["rsgi"], close=False, plan=plan, workdir=workdir
+                ),
+                "close": generator_ceiling(urls["rsgi"], close=True, plan=plan, workdir=workdir),
             }
-            if measure_generator and interface == "rsgi":
-                out["generator"] = {
-                    "keepalive": generator_ceiling(url, close=False, plan=plan, workdir=workdir),
-                    "close": generator_ceiling(url, close=True, plan=plan, workdir=workdir),
-                }
     return out

@@ -36,7 +36,7 @@ class Options:
     product_ids: int = workload.FLASH_SALE_IDS  # 10: the flash-sale set; 1000: the long tail
     connections: dict[str, int] = field(default_factory=dict)
     calibration: bool = True
-    calibration_duration_s: float = 2.0
+    calibration_duration_s: float = 1.0
     pin: PinMode = "auto"
     database_url: str | None = None
     redis_url: str | None = None
