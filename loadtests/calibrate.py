@@ -29,7 +29,7 @@ INTERFACES = {
     "rsgi": "loadtests.calibration.hello:rsgi_app",
     "asgi": "loadtests.calibration.hello:asgi_app",
 }
-GENERATOR_RATES = (1000, 2000, 4000, 8000, 12000)
+GENERATOR_RATES = (250, 500, 1000, 2000, 4000, 8000, 12000)
 GENERATOR_STEP_S = 1.5
 
 

@@ -6,6 +6,7 @@
         max_p99_ms: 150
         max_error_rate: 0.001
         max_rss_mb: 160          # every service process group; or {gateway: 120, ...}
+        min_ceiling_fraction: 0.5  # requests/s over the same shape's RSGI hello, same run
     require_checks: [stock-invariant, no-double-charge]   # audit checks that must have passed
 
 A scenario named in the file that was skipped or failed is a miss: the gate
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from loadtests.report import SERVICES, scenarios_of
+from loadtests.report import SERVICES, fraction_of_ceiling, scenarios_of
 
 # threshold -> (what it is called, median metric, comparison, unit)
 THRESHOLDS: dict[str, tuple[str, str, str, str]] = {
@@ -30,7 +31,7 @@ THRESHOLDS: dict[str, tuple[str, str, str, str]] = {
     "max_avg_ms": ("avg latency", "avg_ms", "<=", " ms"),
     "max_error_rate": ("error rate", "error_rate", "<=", ""),
 }
-KNOWN_KEYS = {*THRESHOLDS, "max_rss_mb"}
+KNOWN_KEYS = {*THRESHOLDS, "max_rss_mb", "min_ceiling_fraction"}
 
 
 class SloFileError(ValueError):
@@ -97,6 +98,13 @@ def evaluate(slo: Slo, report: dict[str, Any]) -> list[str]:
                 misses.append(f"{key}: {what} {got:,.4g}{unit} (limit {op} {limit:,.4g}{unit})")
         if "max_rss_mb" in limits:
             misses += _rss_misses(key, limits["max_rss_mb"], r.service_peaks())
+        if "min_ceiling_fraction" in limits:
+            limit = float(limits["min_ceiling_fraction"])
+            fraction = fraction_of_ceiling(r, report.get("calibration") or {}, "rsgi")
+            if fraction is None:
+                misses.append(f"{key}: × RSGI ceiling not measured (run with calibration)")
+            elif fraction < limit:
+                misses.append(f"{key}: × RSGI ceiling {fraction:.3f} (limit >= {limit:g})")
     audit = {c["name"]: c for c in report.get("audit", {}).get("checks", [])}
     for name in slo.require_checks:
         check = audit.get(name)

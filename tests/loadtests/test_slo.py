@@ -34,7 +34,8 @@ def test_met_thresholds_give_no_miss(tmp_path: Path, sample_report: dict[str, An
             tmp_path,
             f"""
 scenarios:
-  product-detail: {{min_rps: {rps * 0.9}, max_p99_ms: 50, max_error_rate: 0.001, max_rss_mb: 100}}
+  product-detail: {{min_rps: {rps * 0.9}, max_p99_ms: 50, max_error_rate: 0.001, max_rss_mb: 100,
+                   min_ceiling_fraction: 0.8}}
   callbacks: {{min_rps: 100, max_rss_mb: {{gateway: 100, catalog: 100}}}}
   product-detail@open: {{max_p99_ms: 50}}
 require_checks: [stock-invariant]
@@ -50,7 +51,8 @@ def test_each_miss_is_listed(tmp_path: Path, sample_report: dict[str, Any]) -> N
             tmp_path,
             """
 scenarios:
-  product-detail: {min_rps: 1000000, max_p99_ms: 0.5, max_rss_mb: {gateway: 10}}
+  product-detail: {min_rps: 1000000, max_p99_ms: 0.5, max_rss_mb: {gateway: 10},
+                   min_ceiling_fraction: 0.95}
   payment: {min_rps: 1}
   login: {min_rps: 1}
 require_checks: [stock-invariant, no-double-charge]
@@ -59,10 +61,11 @@ require_checks: [stock-invariant, no-double-charge]
     )
     misses = evaluate(slo, sample_report)
     text = "\n".join(misses)
-    assert len(misses) == 6, text
+    assert len(misses) == 7, text
     assert "product-detail: requests/s" in text
     assert "(limit >= 1e+06/s)" in text
     assert "product-detail: p99" in text
+    assert "product-detail: × RSGI ceiling 0.911 (limit >= 0.95)" in text  # 27,321 of 30,000/s
     assert "product-detail: gateway RSS 62 MB (limit <= 10 MB)" in text
     assert "payment: not measured (skipped: endpoint not on this stack" in text
     assert "login: not measured (not in this run)" in text
@@ -83,6 +86,14 @@ require_checks: [stock-invariant, no-double-charge]
 def test_malformed_slo_files_are_refused(tmp_path: Path, text: str) -> None:
     with pytest.raises(SloFileError):
         load_slo(slo_file(tmp_path, text))
+
+
+def test_ceiling_fraction_needs_calibration(tmp_path: Path, sample_report: dict[str, Any]) -> None:
+    sample_report["calibration"] = {}
+    slo = load_slo(slo_file(tmp_path, "scenarios:\n  callbacks: {min_ceiling_fraction: 0.1}\n"))
+    assert evaluate(slo, sample_report) == [
+        "callbacks: × RSGI ceiling not measured (run with calibration)"
+    ]
 
 
 def test_check_command_exits_non_zero_listing_misses(
