@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.catalog.order_routes import internal_router
+from services.catalog.order_routes import router as order_router
 from services.catalog.routes import router
 from services.catalog.settings import CatalogSettings
 from services.catalog.state import CatalogState, open_catalog_state
@@ -27,7 +29,10 @@ def create_app(settings: CatalogSettings | None = None) -> FastAPI:
     return build_app(
         settings=resolved,
         title="shopstack catalog",
-        description="Products and flash-sale inventory.",
+        description=(
+            "Products, flash-sale inventory and orders. /internal/v1 is for the payment "
+            "service only (the gateway does not route it)."
+        ),
         lifespan=lifespan,
-        routers=[router],
+        routers=[router, order_router, internal_router],
     )

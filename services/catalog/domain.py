@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from services.catalog import storage
 from services.catalog.cache import MISSING, ProductCache
+from services.catalog.inventory import Inventory, announce_stock_restored, load_products
 from services.catalog.schemas import ProductIn
 from services.common.errors import Conflict, NotFound
 
@@ -89,18 +90,36 @@ async def list_products(*, pool: asyncpg.Pool, after: int, limit: int) -> bytes:
 
 
 async def put_product(
-    *, pool: asyncpg.Pool, cache: ProductCache, product_id: int, data: ProductIn
+    *,
+    pool: asyncpg.Pool,
+    cache: ProductCache,
+    product_id: int,
+    data: ProductIn,
+    inventory: Inventory | None = None,
 ) -> tuple[ProductBody, bool]:
-    """Create or replace a product; caches everywhere drop the old body at once."""
+    """Create or replace a product; caches everywhere drop the old body at once.
+
+    `stock` restarts the inventory invariant (units_on_sale = stock + units held
+    by orders), and the Redis gate of the product is rewritten from Postgres.
+    """
     async with pool.acquire() as conn, conn.transaction():
         try:
+            await storage.lock_product(conn, product_id)
             row = await storage.upsert_product(conn, product_id, data)
         except asyncpg.UniqueViolationError:
             raise Conflict(f"sku {data.sku!r} belongs to another product") from None
-    try:
-        await cache.invalidate(product_id)
-    except RedisError:
-        # The write is committed; a stale cached body expires with its TTL.
-        log.exception("cache invalidation failed", extra={"product_id": product_id})
+    if inventory is not None:
+        try:
+            await load_products(inventory, [product_id], replace=True)
+        except RedisError:
+            # The reconciler rewrites the gate from Postgres on its next run.
+            log.exception("gate reload failed", extra={"product_id": product_id})
+        await announce_stock_restored(inventory, [product_id])
+    else:
+        try:
+            await cache.invalidate(product_id)
+        except RedisError:
+            # The write is committed; a stale cached body expires with its TTL.
+            log.exception("cache invalidation failed", extra={"product_id": product_id})
     body = serialize(product_document(row))
     return ProductBody(body, entity_tag(body)), bool(row["created"])

@@ -78,7 +78,11 @@ async def put_product(
     _admin: Annotated[Caller, Depends(current_admin)],
 ) -> Response:
     product, created = await domain.put_product(
-        pool=state.db, cache=state.cache, product_id=product_id, data=data
+        pool=state.db,
+        cache=state.cache,
+        product_id=product_id,
+        data=data,
+        inventory=state.inventory,
     )
     return Response(
         product.body,

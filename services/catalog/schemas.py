@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
+from uuid import UUID
 
 from pydantic import (
     AwareDatetime,
@@ -56,3 +57,42 @@ class Product(ProductIn):
 class ProductPage(BaseModel):
     items: list[Product]
     next: int | None
+
+
+OrderStatus = Literal["reserved", "paid", "expired", "cancelled"]
+
+
+class OrderIn(BaseModel):
+    """Body of POST /api/v1/orders. Price, status and owner never come from the client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    product_id: Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
+    quantity: Annotated[StrictInt, Field(ge=1, le=10)]
+
+
+class Order(BaseModel):
+    """An order as its owner sees it."""
+
+    id: UUID
+    status: OrderStatus
+    product_id: ProductId
+    quantity: int
+    amount_cents: int
+    currency: str
+    expires_at: AwareDatetime
+
+
+class InternalOrder(Order):
+    """An order as the payment service sees it (GET /internal/v1/orders/{id})."""
+
+    user_id: str
+    held_by: UUID | None
+
+
+class PaymentRef(BaseModel):
+    """Body of the internal hold / paid / release calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payment_id: UUID

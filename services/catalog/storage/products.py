@@ -1,4 +1,4 @@
-"""Every SQL statement of the catalog, one function per query."""
+"""Products: every SQL statement about the products table."""
 
 from __future__ import annotations
 
@@ -30,19 +30,34 @@ async def fetch_page(conn: Executor, *, after: int, limit: int) -> list[Any]:
     )
 
 
+async def lock_product(conn: Connection, product_id: int) -> None:
+    """Lock a product row (if it exists) until the transaction ends."""
+    await conn.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", product_id)
+
+
 async def upsert_product(conn: Connection, product_id: int, data: ProductIn) -> Any:
-    """Create or replace a product; the row carries `created` (true when it was new)."""
+    """Create or replace a product; the row carries `created` (true when it was new).
+
+    `stock` restarts the inventory invariant: units_on_sale becomes the new stock
+    plus the units already held by reserved or paid orders. Call lock_product()
+    first in the same transaction so the sum sees every committed order.
+    """
     sale = data.flash_sale
     return await conn.fetchrow(
         f"""
         INSERT INTO products (id, sku, name, description, price_cents, currency, stock,
-                              flash_price_cents, flash_starts_at, flash_ends_at,
-                              flash_per_user_limit, updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, clock_timestamp())
+                              units_on_sale, flash_price_cents, flash_starts_at,
+                              flash_ends_at, flash_per_user_limit, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, clock_timestamp())
         ON CONFLICT (id) DO UPDATE SET
             sku = EXCLUDED.sku, name = EXCLUDED.name, description = EXCLUDED.description,
             price_cents = EXCLUDED.price_cents, currency = EXCLUDED.currency,
-            stock = EXCLUDED.stock, flash_price_cents = EXCLUDED.flash_price_cents,
+            stock = EXCLUDED.stock,
+            units_on_sale = EXCLUDED.stock + (
+                SELECT coalesce(sum(o.quantity), 0) FROM orders o
+                WHERE o.product_id = EXCLUDED.id AND o.status IN ('reserved', 'paid')
+            ),
+            flash_price_cents = EXCLUDED.flash_price_cents,
             flash_starts_at = EXCLUDED.flash_starts_at, flash_ends_at = EXCLUDED.flash_ends_at,
             flash_per_user_limit = EXCLUDED.flash_per_user_limit,
             updated_at = clock_timestamp()

@@ -1,0 +1,152 @@
+"""Background loops the catalog lifespan starts and stops.
+
+- the expiry sweeper: expires due reservations (FOR UPDATE SKIP LOCKED, so every
+  worker may run it) and purges expired idempotency keys;
+- the reconciler: checks the inventory invariant, watches for a Redis restart
+  (rebuilds the gate), and repairs the gate from Postgres (one worker at a time);
+- the stock-restored listener: clears this process's sold-out flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
+
+from services.catalog import orders, storage
+from services.catalog.inventory import (
+    RECONCILE_LOCK_KEY,
+    STOCK_RESTORED_CHANNEL,
+    Inventory,
+    ensure_gate,
+    publish_invariant,
+    reconcile,
+)
+
+log = logging.getLogger("shopstack.catalog.jobs")
+
+IDEMPOTENCY_PURGE_EVERY_S = 60.0
+
+
+async def sweep_once(inv: Inventory) -> int:
+    """Expire every due reservation now (batch after batch); return how many."""
+    total = 0
+    while True:
+        rows = await orders.expire_due_orders(inv=inv)
+        total += len(rows)
+        if len(rows) < inv.settings.catalog_sweep_batch:
+            return total
+
+
+async def _sweeper(inv: Inventory) -> None:
+    last_purge = 0.0
+    while True:
+        try:
+            await sweep_once(inv)
+            if time.monotonic() - last_purge > IDEMPOTENCY_PURGE_EVERY_S:
+                async with inv.pool.acquire() as conn:
+                    await storage.purge_idempotency_keys(conn, now=datetime.now(UTC), limit=5000)
+                last_purge = time.monotonic()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("expiry sweep failed")
+        await asyncio.sleep(inv.settings.catalog_sweep_interval_s)
+
+
+async def reconcile_if_leader(inv: Inventory) -> bool:
+    """Run one reconcile unless another worker holds the reconcile lock."""
+    token = uuid.uuid4().hex
+    ttl_ms = max(1000, int(inv.settings.catalog_reconcile_interval_s * 900))
+    if not await inv.redis.set(RECONCILE_LOCK_KEY, token, nx=True, px=ttl_ms):
+        return False
+    report = await reconcile(inv)
+    if report.undone or report.released or report.adopted or report.adjusted:
+        log.warning(
+            "gate repaired",
+            extra={
+                "undone": report.undone,
+                "released": report.released,
+                "adopted": report.adopted,
+                "adjusted": report.adjusted,
+            },
+        )
+    return True
+
+
+async def _reconciler(inv: Inventory) -> None:
+    interval = inv.settings.catalog_reconcile_interval_s
+    watch = min(1.0, interval)
+    next_run = time.monotonic() + interval
+    while True:
+        await asyncio.sleep(watch)
+        try:
+            await ensure_gate(inv)  # a restarted Redis is rebuilt within ~1 s
+            if time.monotonic() >= next_run:
+                next_run = time.monotonic() + interval
+                if not await reconcile_if_leader(inv):
+                    await publish_invariant(inv)  # this worker's gauge stays current
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile failed")
+
+
+async def _stock_restored_listener(inv: Inventory) -> None:
+    while True:
+        pubsub = inv.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(STOCK_RESTORED_CHANNEL)
+            inv.flags.clear_all()  # messages may have been missed while unsubscribed
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                with contextlib.suppress(ValueError):
+                    inv.flags.clear(int(message["data"]))
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError):
+            log.warning("stock-restored listener lost Redis; retrying")
+            inv.flags.clear_all()
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class Jobs:
+    """The running background tasks; stop() cancels and awaits them."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        async def run() -> None:
+            await loop()
+
+        self.tasks.append(asyncio.create_task(run(), name=name))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+
+
+def start_jobs(inv: Inventory) -> Jobs:
+    """Start the sweeper, the reconciler and the stock-restored listener."""
+    jobs = Jobs()
+    jobs.start("catalog-listener", lambda: _stock_restored_listener(inv))
+    if inv.settings.catalog_jobs_enabled:
+        jobs.start("catalog-sweeper", lambda: _sweeper(inv))
+        jobs.start("catalog-reconciler", lambda: _reconciler(inv))
+    return jobs

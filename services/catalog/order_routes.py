@@ -1,0 +1,179 @@
+"""Order routes (users, through the gateway) and the internal API for payment."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+
+from services.catalog import orders
+from services.catalog.domain import serialize
+from services.catalog.idempotency import SCOPE_CREATE_ORDER, request_hash, run_once
+from services.catalog.schemas import InternalOrder, Order, OrderIn, PaymentRef
+from services.catalog.state import CatalogState
+from services.common.errors import PROBLEM_CONTENT_TYPE, problem_body
+from services.common.identity import Caller, current_caller
+
+router = APIRouter(prefix="/api/v1", tags=["orders"])
+internal_router = APIRouter(prefix="/internal/v1", tags=["internal"])
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def _problem(status: int, code: str, detail: str) -> dict[str, Any]:
+    doc = problem_body(status, code, None, detail)
+    return {"description": detail, "content": {PROBLEM_CONTENT_TYPE: {"example": doc}}}
+
+
+_401 = _problem(401, "unauthorized", "authentication required")
+_404 = _problem(404, "not-found", "order 0b0e... does not exist")
+_422 = _problem(422, "validation-error", "the request is not valid")
+_503 = _problem(503, "upstream-unavailable", "the inventory gate is unavailable")
+_409_PAY = _problem(409, "order-not-payable", "order 0b0e... is held by another payment")
+
+
+def catalog_state(request: Request) -> CatalogState:
+    state: CatalogState = request.state.app_state
+    return state
+
+
+State = Annotated[CatalogState, Depends(catalog_state)]
+User = Annotated[Caller, Depends(current_caller)]
+OrderIdPath = Annotated[UUID, Path(description="Order id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes a retried POST safe: same key and body -> the first reply.",
+    ),
+]
+
+
+def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    media = PROBLEM_CONTENT_TYPE if status >= 400 else "application/json"
+    return Response(body, status_code=status, media_type=media, headers=headers)
+
+
+@router.post(
+    "/orders",
+    status_code=201,
+    response_model=Order,
+    responses={
+        201: {"description": "Reserved (or, with Idempotent-Replayed: true, the first reply)"},
+        401: _401,
+        404: _problem(404, "not-found", "product 7 does not exist"),
+        409: _problem(
+            409, "sold-out", "product 7 is sold out (also limit-exceeded, idempotency-in-progress)"
+        ),
+        413: _problem(413, "payload-too-large", "request body exceeds 1048576 bytes"),
+        422: _problem(
+            422, "validation-error", "the request is not valid (also idempotency-mismatch)"
+        ),
+        503: _503,
+    },
+)
+async def create_order(
+    state: State, body: OrderIn, caller: User, idempotency_key: IdempotencyKey = None
+) -> Response:
+    inv = state.inventory
+    if idempotency_key is None:
+        row = await orders.place_order(
+            inv=inv, user_id=caller.user_id, product_id=body.product_id, quantity=body.quantity
+        )
+        return _json(serialize(orders.order_document(row)), 201)
+
+    async def action(order_id: UUID, is_retry: bool) -> tuple[int, bytes]:
+        row = await orders.place_order(
+            inv=inv,
+            user_id=caller.user_id,
+            product_id=body.product_id,
+            quantity=body.quantity,
+            order_id=order_id,
+            is_retry=is_retry,
+        )
+        return 201, serialize(orders.order_document(row))
+
+    async with orders.postgres_guard():
+        reply = await run_once(
+            pool=state.db,
+            settings=inv.settings,
+            user_id=caller.user_id,
+            scope=SCOPE_CREATE_ORDER,
+            key=idempotency_key,
+            fingerprint=request_hash(body.model_dump()),
+            action=action,
+        )
+    headers = {REPLAYED_HEADER: "true"} if reply.replayed else None
+    return _json(reply.body, reply.status, headers)
+
+
+@router.get("/orders/{order_id}", response_model=Order, responses={401: _401, 404: _404})
+async def get_order(state: State, order_id: OrderIdPath, caller: User) -> Response:
+    row = await orders.get_order(inv=state.inventory, user_id=caller.user_id, order_id=order_id)
+    return _json(serialize(orders.order_document(row)))
+
+
+@router.post(
+    "/orders/{order_id}/cancel",
+    response_model=Order,
+    responses={
+        401: _401,
+        404: _404,
+        409: _problem(409, "order-not-cancellable", "order 0b0e... is already paid"),
+    },
+)
+async def cancel_order(state: State, order_id: OrderIdPath, caller: User) -> Response:
+    row = await orders.cancel_order(inv=state.inventory, user_id=caller.user_id, order_id=order_id)
+    return _json(serialize(orders.order_document(row)))
+
+
+# --- internal API for the payment service (not routed by the gateway) ---------
+
+
+def _internal(row: Any) -> Response:
+    return _json(serialize(orders.internal_order_document(row)))
+
+
+@internal_router.get("/orders/{order_id}", response_model=InternalOrder, responses={404: _404})
+async def internal_get_order(state: State, order_id: OrderIdPath) -> Response:
+    return _internal(await orders.internal_get(inv=state.inventory, order_id=order_id))
+
+
+@internal_router.post(
+    "/orders/{order_id}/hold",
+    response_model=InternalOrder,
+    responses={404: _404, 409: _409_PAY, 422: _422},
+)
+async def hold_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> Response:
+    row = await orders.hold_order(
+        inv=state.inventory, order_id=order_id, payment_id=body.payment_id
+    )
+    return _internal(row)
+
+
+@internal_router.post(
+    "/orders/{order_id}/paid",
+    response_model=InternalOrder,
+    responses={404: _404, 409: _409_PAY, 422: _422},
+)
+async def paid_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> Response:
+    row = await orders.mark_order_paid(
+        inv=state.inventory, order_id=order_id, payment_id=body.payment_id
+    )
+    return _internal(row)
+
+
+@internal_router.post(
+    "/orders/{order_id}/release",
+    response_model=InternalOrder,
+    responses={404: _404, 422: _422},
+)
+async def release_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> Response:
+    row = await orders.release_hold(
+        inv=state.inventory, order_id=order_id, payment_id=body.payment_id
+    )
+    return _internal(row)

@@ -1,0 +1,175 @@
+"""The internal API the payment service calls: hold, paid, release (and expiry around it)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from services.catalog import orders
+from tests.catalog.conftest import OrdersApp, assert_consistent, create_product, new_user
+from tests.catalog.test_products import assert_problem
+
+
+async def _reserve(app: OrdersApp, qty: int = 1) -> tuple[int, str, dict[str, str]]:
+    pid = await create_product(app.inv, stock=10)
+    user = new_user()
+    resp = await app.client.post(
+        "/api/v1/orders", json={"product_id": pid, "quantity": qty}, headers=user
+    )
+    assert resp.status_code == 201
+    return pid, resp.json()["id"], user
+
+
+async def call(app: OrdersApp, order_id: str, action: str, payment_id: str) -> Any:
+    return await app.client.post(
+        f"/internal/v1/orders/{order_id}/{action}", json={"payment_id": payment_id}
+    )
+
+
+async def _set(app: OrdersApp, order_id: str, **columns: str) -> None:
+    sets = ", ".join(f"{name} = {expr}" for name, expr in columns.items())
+    async with app.inv.pool.acquire() as conn:
+        await conn.execute(f"UPDATE orders SET {sets} WHERE id = $1", uuid.UUID(order_id))  # noqa: S608
+
+
+async def test_internal_get_shows_owner_and_hold(orders_app: OrdersApp) -> None:
+    _, order_id, user = await _reserve(orders_app, 2)
+    resp = await orders_app.client.get(f"/internal/v1/orders/{order_id}")
+    assert resp.status_code == 200
+    doc = resp.json()
+    assert set(doc) == {
+        "id",
+        "user_id",
+        "status",
+        "product_id",
+        "quantity",
+        "amount_cents",
+        "currency",
+        "expires_at",
+        "held_by",
+    }
+    assert doc["user_id"] == user["X-User-Id"]
+    assert doc["held_by"] is None
+    assert doc["quantity"] == 2
+    assert doc["amount_cents"] == 2 * 1999
+    missing = await orders_app.client.get(f"/internal/v1/orders/{uuid.uuid4()}")
+    assert_problem(missing, 404, "not-found")
+
+
+async def test_hold_then_paid_is_idempotent(orders_app: OrdersApp) -> None:
+    pid, order_id, user = await _reserve(orders_app)
+    payment = str(uuid.uuid4())
+    held = await call(orders_app, order_id, "hold", payment)
+    assert held.status_code == 200
+    assert held.json()["held_by"] == payment
+    assert (await call(orders_app, order_id, "hold", payment)).status_code == 200  # same payment
+    other = str(uuid.uuid4())
+    assert_problem(await call(orders_app, order_id, "hold", other), 409, "order-not-payable")
+    assert_problem(await call(orders_app, order_id, "paid", other), 409, "order-not-payable")
+    # The user cannot cancel while the payment is in flight.
+    cancel = await orders_app.client.post(f"/api/v1/orders/{order_id}/cancel", headers=user)
+    assert_problem(cancel, 409, "order-not-cancellable")
+    paid = await call(orders_app, order_id, "paid", payment)
+    assert paid.status_code == 200
+    assert paid.json()["status"] == "paid"
+    assert paid.json()["held_by"] == payment
+    again = await call(orders_app, order_id, "paid", payment)
+    assert again.status_code == 200
+    assert again.json() == paid.json()
+    assert (await call(orders_app, order_id, "hold", payment)).json()["status"] == "paid"
+    assert_problem(await call(orders_app, order_id, "paid", other), 409, "order-not-payable")
+    assert_problem(await call(orders_app, order_id, "hold", other), 409, "order-not-payable")
+    owner_view = await orders_app.client.get(f"/api/v1/orders/{order_id}", headers=user)
+    assert owner_view.json()["status"] == "paid"
+    await assert_consistent(orders_app.inv, pid)
+
+
+async def test_paid_without_a_hold_is_accepted_while_reserved(orders_app: OrdersApp) -> None:
+    pid, order_id, _ = await _reserve(orders_app)
+    paid = await call(orders_app, order_id, "paid", str(uuid.uuid4()))
+    assert paid.status_code == 200
+    assert paid.json()["status"] == "paid"
+    await assert_consistent(orders_app.inv, pid)
+
+
+async def test_release_drops_only_its_own_hold(orders_app: OrdersApp) -> None:
+    pid, order_id, user = await _reserve(orders_app)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    await call(orders_app, order_id, "hold", first)
+    noop = await call(orders_app, order_id, "release", second)
+    assert noop.status_code == 200
+    assert noop.json()["held_by"] == first
+    released = await call(orders_app, order_id, "release", first)
+    assert released.status_code == 200
+    assert released.json()["held_by"] is None
+    assert (await call(orders_app, order_id, "release", first)).status_code == 200
+    assert (await call(orders_app, order_id, "hold", second)).json()["held_by"] == second
+    await call(orders_app, order_id, "release", second)
+    cancel = await orders_app.client.post(f"/api/v1/orders/{order_id}/cancel", headers=user)
+    assert cancel.json()["status"] == "cancelled"
+    assert_problem(await call(orders_app, order_id, "hold", first), 409, "order-not-payable")
+    assert_problem(await call(orders_app, order_id, "paid", first), 409, "order-not-payable")
+    await assert_consistent(orders_app.inv, pid)
+
+
+async def test_a_held_order_is_not_expired_until_the_hold_lapses(orders_app: OrdersApp) -> None:
+    pid, order_id, _ = await _reserve(orders_app)
+    payment = str(uuid.uuid4())
+    await call(orders_app, order_id, "hold", payment)
+    await _set(orders_app, order_id, expires_at="now() - interval '1 minute'")
+    await orders.expire_due_orders(inv=orders_app.inv)
+    doc = (await orders_app.client.get(f"/internal/v1/orders/{order_id}")).json()
+    assert doc["status"] == "reserved"
+    # The charge settles late: still accepted, because the hold kept the units.
+    await _set(orders_app, order_id, held_until="now() - interval '1 second'")
+    paid = await call(orders_app, order_id, "paid", payment)
+    assert paid.json()["status"] == "paid"
+    await assert_consistent(orders_app.inv, pid)
+
+
+async def test_lapsed_hold_lets_the_sweeper_expire_and_returns_stock(
+    orders_app: OrdersApp,
+) -> None:
+    pid, order_id, user = await _reserve(orders_app, 3)
+    payment = str(uuid.uuid4())
+    await call(orders_app, order_id, "hold", payment)
+    await _set(
+        orders_app,
+        order_id,
+        expires_at="now() - interval '1 minute'",
+        held_until="now() - interval '1 second'",
+    )
+    expired = await orders.expire_due_orders(inv=orders_app.inv)
+    assert str(expired[0]["id"]) == order_id
+    doc = (await orders_app.client.get(f"/internal/v1/orders/{order_id}")).json()
+    assert doc["status"] == "expired"
+    assert doc["held_by"] is None
+    row = await assert_consistent(orders_app.inv, pid)
+    assert row["stock"] == 10
+    assert_problem(await call(orders_app, order_id, "paid", payment), 409, "order-not-payable")
+    # The owner's cancel of an expired order is a no-op: stock is not returned twice.
+    cancel = await orders_app.client.post(f"/api/v1/orders/{order_id}/cancel", headers=user)
+    assert cancel.json()["status"] == "expired"
+    assert (await assert_consistent(orders_app.inv, pid))["stock"] == 10
+
+
+async def test_unheld_reservation_past_its_expiry_is_not_payable(orders_app: OrdersApp) -> None:
+    _, order_id, _ = await _reserve(orders_app)
+    await _set(orders_app, order_id, expires_at="now() - interval '1 second'")
+    assert_problem(
+        await call(orders_app, order_id, "hold", str(uuid.uuid4())), 409, "order-not-payable"
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"payment_id": "nope"}, {"payment_id": 5}, {"payment_id": str(uuid.uuid4()), "x": 1}],
+)
+async def test_internal_bad_bodies_are_422(orders_app: OrdersApp, body: dict[str, Any]) -> None:
+    _, order_id, _ = await _reserve(orders_app)
+    resp = await orders_app.client.post(f"/internal/v1/orders/{order_id}/hold", json=body)
+    assert_problem(resp, 422, "validation-error")
+    unknown = await call(orders_app, str(uuid.uuid4()), "hold", str(uuid.uuid4()))
+    assert_problem(unknown, 404, "not-found")
