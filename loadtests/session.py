@@ -32,7 +32,7 @@ class Options:
     open_fraction: float = 0.6
     rates: dict[str, float] = field(default_factory=dict)  # scenario (or "*") -> requests/s
     users: int = 100  # demo users the login scenario cycles through
-    token_users: int = 50  # demo users whose orders the payment scenario pays
+    token_users: int = 100  # demo users whose orders the payment scenario pays
     product_ids: int = workload.FLASH_SALE_IDS  # 10: the flash-sale set; 1000: the long tail
     connections: dict[str, int] = field(default_factory=dict)
     calibration: bool = True
