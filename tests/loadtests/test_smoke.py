@@ -53,7 +53,14 @@ def stack(
 ) -> Iterator[RunningStack]:
     asyncio.run(seed(database_url, service_env))
     base = free_port_block([0, 1, 2, 3, 9])
-    env = {**service_env, "SHOPSTACK_TRUSTED_PROXIES": '["127.0.0.1/32"]'}
+    # Capacity, not the limiter: believe the generator's X-Forwarded-For, and let ten demo
+    # users write as fast as the run needs (see loadtests/README.md, "Rate limits").
+    env = {
+        **service_env,
+        "SHOPSTACK_TRUSTED_PROXIES": '["127.0.0.1/32"]',
+        "SHOPSTACK_WRITE_USER_RATE_PER_S": "10000",
+        "SHOPSTACK_WRITE_USER_BURST": "10000",
+    }
     running = start_stack(
         base_port=base, env=env, log_path=tmp_path_factory.mktemp("stack") / "stack.log"
     )
