@@ -28,6 +28,7 @@ from loadtests import workload
 from loadtests.measurement import latency_summary, percentile, timeline_from_stamps
 
 MAX_IN_FLIGHT = 20_000
+SATURATED_LAG_P50_MS = 2.0
 
 
 class Source:
@@ -261,6 +262,7 @@ class Generator:
             errors["not_sent"] = not_sent
         opened = len(rec.connect_ms)
         lag_p99 = percentile(lag, 99) if lag else 0.0
+        lag_p50 = percentile(lag, 50) if lag else 0.0
         return {
             "tool": "openloop",
             "duration_s": span,
@@ -283,12 +285,13 @@ class Generator:
                 "connections_opened": opened,
                 "max_in_flight": rec.max_in_flight,
                 "send_lag_ms": {
-                    "p50": percentile(lag, 50) if lag else 0.0,
+                    "p50": lag_p50,
                     "p99": lag_p99,
                     "max": lag[-1] if lag else 0.0,
                 },
-                # The generator itself fell behind: its figures understate the target's rate.
-                "saturated": lag_p99 > 10.0,
+                # The generator itself fell behind: a backlog of due requests makes the
+                # *median* send lag grow (a busy neighbour only stretches the tail).
+                "saturated": lag_p50 > SATURATED_LAG_P50_MS,
             },
         }
 

@@ -379,7 +379,9 @@ def execute(sc: Scenario, s: Session) -> list[ScenarioResult]:
             opened.extra["rate"] = rate
             opened.notes += notes
             if run.measurement.extra.get("saturated"):
-                opened.notes.append("the generator fell behind its schedule (send lag p99 > 10 ms)")
+                opened.notes.append(
+                    "the generator fell behind its schedule (median send lag > 2 ms)"
+                )
         else:
             opened.status, opened.reason = "skipped", "--open-duration 0"
     except prepare.Skip as exc:
