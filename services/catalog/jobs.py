@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
@@ -28,6 +27,7 @@ from services.catalog.inventory import (
     publish_invariant,
     reconcile,
 )
+from services.common.tasks import BackgroundTasks
 
 log = logging.getLogger("shopstack.catalog.jobs")
 
@@ -44,9 +44,9 @@ async def sweep_once(inv: Inventory) -> int:
             return total
 
 
-async def _sweeper(inv: Inventory) -> None:
+async def _sweeper(inv: Inventory, stopping: asyncio.Event) -> None:
     last_purge = 0.0
-    while True:
+    while not stopping.is_set():
         try:
             await sweep_once(inv)
             if time.monotonic() - last_purge > IDEMPOTENCY_PURGE_EVERY_S:
@@ -80,11 +80,11 @@ async def reconcile_if_leader(inv: Inventory) -> bool:
     return True
 
 
-async def _reconciler(inv: Inventory) -> None:
+async def _reconciler(inv: Inventory, stopping: asyncio.Event) -> None:
     interval = inv.settings.catalog_reconcile_interval_s
     watch = min(1.0, interval)
     next_run = time.monotonic() + interval
-    while True:
+    while not stopping.is_set():
         await asyncio.sleep(watch)
         try:
             await ensure_gate(inv)  # a restarted Redis is rebuilt within ~1 s
@@ -98,14 +98,14 @@ async def _reconciler(inv: Inventory) -> None:
             log.exception("reconcile failed")
 
 
-async def _stock_restored_listener(inv: Inventory) -> None:
-    while True:
+async def _stock_restored_listener(inv: Inventory, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
         pubsub = inv.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(STOCK_RESTORED_CHANNEL)
             inv.flags.clear_all()  # messages may have been missed while unsubscribed
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
+            while not stopping.is_set():
+                message = await pubsub.get_message(timeout=0.5)
                 if message is None or message.get("type") != "message":
                     continue
                 with contextlib.suppress(ValueError):
@@ -121,32 +121,15 @@ async def _stock_restored_listener(inv: Inventory) -> None:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-class Jobs:
-    """The running background tasks; stop() cancels and awaits them."""
-
-    def __init__(self) -> None:
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        async def run() -> None:
-            await loop()
-
-        self.tasks.append(asyncio.create_task(run(), name=name))
-
-    async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.tasks.clear()
+Jobs = BackgroundTasks
 
 
 def start_jobs(inv: Inventory) -> Jobs:
     """Start the sweeper, the reconciler and the stock-restored listener."""
     jobs = Jobs()
-    jobs.start("catalog-listener", lambda: _stock_restored_listener(inv))
+    stop = jobs.stopping
+    jobs.start("catalog-listener", lambda: _stock_restored_listener(inv, stop))
     if inv.settings.catalog_jobs_enabled:
-        jobs.start("catalog-sweeper", lambda: _sweeper(inv))
-        jobs.start("catalog-reconciler", lambda: _reconciler(inv))
+        jobs.start("catalog-sweeper", lambda: _sweeper(inv, stop))
+        jobs.start("catalog-reconciler", lambda: _reconciler(inv, stop))
     return jobs

@@ -39,6 +39,7 @@ from services.common.errors import (
 from services.common.logs import configure_logging, request_id_var
 from services.common.metrics import METRICS_CONTENT_TYPE, RequestStats, render_metrics
 from services.common.middleware import Receive, Scope, Send
+from services.common.tasks import BackgroundTasks
 from services.gateway import domain
 from services.gateway.http import (
     Reply,
@@ -230,28 +231,25 @@ class Gateway:
         self.max_in_flight = settings.gateway_max_in_flight
         self.state: GatewayState | None = None
         self._stack: AsyncExitStack | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
+        self._tasks = BackgroundTasks()
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def startup(self) -> None:
         self._stack = AsyncExitStack()
         self.state = await self._stack.enter_async_context(open_state(self.settings))
-        self._tasks = [
-            asyncio.create_task(self._flush_stats(), name="gateway-stats"),
-            asyncio.create_task(
-                listen_for_changes(
-                    self.state.redis, self._on_product_change, self.cache.clear, self._stopping
-                ),
-                name="gateway-product-changes",
+        state = self.state
+        self._tasks.start("gateway-stats", self._flush_stats)
+        self._tasks.start(
+            "gateway-product-changes",
+            lambda: listen_for_changes(
+                state.redis, self._on_product_change, self.cache.clear, self._tasks.stopping
             ),
-        ]
+        )
         log.info("started", extra={"port": self.settings.listen_port})
 
     async def shutdown(self) -> None:
-        self._stopping.set()
-        await stop_tasks(self._tasks)
+        await self._tasks.stop()
         self.stats.flush()
         if self._stack is not None:
             await self._stack.aclose()
@@ -262,7 +260,7 @@ class Gateway:
         self.sold_out.clear(product_id)
 
     async def _flush_stats(self) -> None:
-        while not self._stopping.is_set():
+        while not self._tasks.stopping.is_set():
             await asyncio.sleep(1.0)
             self.stats.flush()
 
@@ -540,21 +538,6 @@ class Gateway:
         return Entry(
             reply.status, headers, reply.body, etag, time.monotonic() + self.cache.lifetime()
         )
-
-
-async def stop_tasks(tasks: list[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
-    """Cancel background tasks and wait for them, cancelling again if one ignores it."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    pending = {t for t in tasks if not t.done()}
-    while pending and asyncio.get_running_loop().time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-    if pending:
-        log.error("background tasks did not stop", extra={"tasks": [t.get_name() for t in pending]})
 
 
 def _health_probe(upstream: Upstream) -> Any:

@@ -74,6 +74,9 @@ def order_settings(settings_kwargs: dict[str, Any], **overrides: Any) -> Catalog
         "catalog_jobs_enabled": False,
         "catalog_sold_out_ttl_s": 30.0,
         "db_pool_max": 20,
+        # Races run hundreds of gate calls at once: let them wait for a Redis connection.
+        "redis_pool_max": 100,
+        "redis_timeout_s": 5.0,
     }
     values.update(overrides)
     return CatalogSettings(**values)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,15 @@ def _postgres_processes_under(path: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return [proc for proc in found if not _is_gone(proc.pid)]
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A private temp dir outside /tmp/pytest-of-root, which every pytest run resets to 0700
+    (so concurrent runs on one machine would cut the postgres user's path)."""
+    path = Path(tempfile.mkdtemp(prefix="shopstack-embedded-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -143,3 +143,57 @@ def test_large_bodies_still_flow(stack: RunningStack) -> None:
     assert page.status_code == 200
     assert len(page.content) > 16_384
     assert [p["description"] for p in page.json()["items"]] == ["x" * 9_500] * 2
+
+
+def wait_for_stock(stack: RunningStack, pid: int, expected: int) -> int:
+    deadline = time.monotonic() + 1.0
+    stock = -1
+    while time.monotonic() < deadline:
+        stock = httpx.get(stack.url() + f"/api/v1/products/{pid}").json()["stock"]
+        if stock == expected:
+            break
+        time.sleep(0.05)
+    return int(stock)
+
+
+def test_order_flow_through_the_gateway(stack: RunningStack) -> None:
+    """Reserve, read, see the stock move in product detail within 1 s, cancel, get it back."""
+    owner = {"Authorization": f"Bearer {token_for(stack, 'demo3', 'demo-password-3')}"}
+    other = {"Authorization": f"Bearer {token_for(stack, 'demo2', 'demo-password-2')}"}
+    before = httpx.get(stack.url() + "/api/v1/products/12").json()["stock"]
+    created = httpx.post(
+        stack.url() + "/api/v1/orders", json={"product_id": 12, "quantity": 2}, headers=owner
+    )
+    assert created.status_code == 201, created.text
+    order = created.json()
+    assert order["status"] == "reserved"
+    assert wait_for_stock(stack, 12, before - 2) == before - 2
+    mine = httpx.get(stack.url() + f"/api/v1/orders/{order['id']}", headers=owner)
+    assert mine.json()["id"] == order["id"]
+    assert_problem(
+        httpx.get(stack.url() + f"/api/v1/orders/{order['id']}", headers=other), 404, "not-found"
+    )
+    cancelled = httpx.post(stack.url() + f"/api/v1/orders/{order['id']}/cancel", headers=owner)
+    assert cancelled.status_code == 200
+    assert wait_for_stock(stack, 12, before) == before
+
+
+def test_sold_out_through_the_gateway(stack: RunningStack) -> None:
+    admin = {"Authorization": f"Bearer {token_for(stack, 'admin', DEV_SECRETS['admin_password'])}"}
+    buyer = {"Authorization": f"Bearer {token_for(stack, 'demo1', 'demo-password-1')}"}
+    product = {
+        "sku": "SKU-LAST-ONE",
+        "name": "The last one",
+        "price_cents": 500,
+        "currency": "EUR",
+        "stock": 1,
+    }
+    put = httpx.put(stack.url() + "/api/v1/admin/products/17", json=product, headers=admin)
+    assert put.status_code == 200, put.text
+    order = {"product_id": 17, "quantity": 1}
+    first = httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer)
+    assert first.status_code == 201, first.text
+    for _ in range(5):
+        again = httpx.post(stack.url() + "/api/v1/orders", json=order, headers=buyer)
+        assert_problem(again, 409, "sold-out")
+    assert wait_for_stock(stack, 17, 0) == 0
