@@ -24,6 +24,7 @@ from loadtests.runners import LoadToolFailed, Run, lua_script, run_ab, run_openl
 from loadtests.session import Session, lookup_charge_ids
 
 OPEN_MAX_CONNECTIONS = 256
+GENERATOR_HEADROOM = 0.75  # open-model rates stay this far under the generator's own ceiling
 RATE_LIMIT_HINT = (
     "answered 429: the gateway rate-limits per client address and every simulated client "
     "shares the load generator's; see loadtests/README.md (SHOPSTACK_TRUSTED_PROXIES)"
@@ -91,10 +92,12 @@ class Scenario:
         return run_openloop(spec=spec, plan=s.plan, workdir=s.workdir, sampler=s.sampler)
 
 
-def _needed(est_rps: float | None, duration_s: float, *, guess_rps: float, cap: int) -> int:
-    """Items to pre-generate for a run: 1.3x what the last run's rate (or a guess) would use."""
+def _needed(
+    est_rps: float | None, duration_s: float, *, guess_rps: float, cap: int, margin: float = 1.3
+) -> int:
+    """Items to pre-generate for a run: `margin` x what the last run's rate (or a guess) uses."""
     rate = guess_rps if est_rps is None else est_rps
-    return min(cap, math.ceil(rate * duration_s * 1.3) + 50)
+    return min(cap, math.ceil(rate * duration_s * margin) + 50)
 
 
 class ProductDetail(Scenario):
@@ -284,7 +287,9 @@ class CallbacksUnique(Callbacks):
         return workload.write_events(s.workdir / "events.tsv", events)
 
     def closed(self, s: Session, duration_s: float, est_rps: float | None) -> Run:
-        path = self._events_file(s, _needed(est_rps, duration_s, guess_rps=1000, cap=100_000))
+        path = self._events_file(
+            s, _needed(est_rps, duration_s, guess_rps=1000, cap=100_000, margin=2.0)
+        )
         return self.wrk(s, "callbacks", [str(path)], duration_s)
 
     def source(self, s: Session, rate: float, duration_s: float) -> dict[str, Any]:
@@ -336,9 +341,12 @@ def open_rate(sc: Scenario, s: Session, closed: ScenarioResult) -> tuple[float, 
         rate = max(1.0, round(opts.open_fraction * rps, 1))
         notes.append(f"rate = {opts.open_fraction:.0%} of the closed-loop median ({rps:,.0f}/s)")
     ceiling = s.generator_ceiling(sc.close)
-    if ceiling and rate > ceiling:
-        notes.append(f"rate capped at the generator's measured ceiling ({ceiling:,.0f}/s)")
-        rate = ceiling
+    if ceiling and rate > GENERATOR_HEADROOM * ceiling:
+        rate = GENERATOR_HEADROOM * ceiling
+        notes.append(
+            f"rate capped at {GENERATOR_HEADROOM:.0%} of the generator's measured ceiling "
+            f"({ceiling:,.0f}/s)"
+        )
     return float(rate), notes
 
 
