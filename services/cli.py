@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shutil.rmtree(prom_dir, ignore_errors=True)
     Path(prom_dir).mkdir(parents=True, exist_ok=True)
 
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.server import Server
 
@@ -40,11 +40,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         factory=True,
         loop=Loops.uvloop,
         websockets=False,
-        backlog=2048,
+        http=HTTPModes.http1 if settings.granian_http1_only else HTTPModes.auto,
+        backlog=settings.granian_backlog,
+        backpressure=settings.granian_backpressure,
         # hyper answers 431 past this buffer (and past 100 headers): our header cap.
         http1_settings=HTTP1Settings(
             header_read_timeout=settings.header_read_timeout_ms,
-            keep_alive=True,
+            keep_alive=settings.granian_keep_alive,
             max_buffer_size=settings.max_header_bytes,
         ),
         workers_kill_timeout=10,

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from services.catalog import storage
 from services.catalog.cache import ProductCache
-from services.catalog.gate import GateSource, GateView, InventoryGate, SoldOutFlags, now_ms
+from services.catalog.gate import GateSource, GateView, InventoryGate, now_ms
 from services.catalog.metrics import (
     GATE_DRIFT,
     GATE_REPAIRS,
@@ -30,6 +30,7 @@ from services.catalog.metrics import (
     RECONCILER_LAST_RUN,
 )
 from services.catalog.settings import CatalogSettings
+from services.common.flags import SoldOutFlags
 
 log = logging.getLogger("shopstack.catalog.inventory")
 

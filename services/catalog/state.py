@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from redis.exceptions import RedisError
 
 from services.catalog.cache import ProductCache
-from services.catalog.gate import InventoryGate, SoldOutFlags
+from services.catalog.gate import InventoryGate
 from services.catalog.inventory import Inventory, ensure_gate
 from services.catalog.jobs import start_jobs
 from services.catalog.settings import CatalogSettings
+from services.common.flags import SoldOutFlags
 from services.common.state import DataState, open_data_state
 
 log = logging.getLogger("shopstack.catalog")

@@ -109,6 +109,23 @@ class CommonSettings(BaseSettings):
         description="time a client has to send request headers (granian closes the connection)",
     )
 
+    # granian options for `shopstack serve` (a service may change its defaults).
+    granian_backlog: int = Field(
+        default=2048, ge=128, le=65_535, description="listen backlog (capped by somaxconn)"
+    )
+    granian_backpressure: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="requests in progress per worker before new ones wait (unset: granian's)",
+    )
+    granian_http1_only: bool = Field(
+        default=False, description="serve HTTP/1.1 only (no per-connection HTTP/2 detection)"
+    )
+    granian_keep_alive: bool = Field(
+        default=True, description="keep HTTP/1.1 connections open between requests"
+    )
+
     log_level: str = Field(default="INFO", description="root log level")
     json_logs: bool = Field(default=True, description="one JSON object per log line")
 

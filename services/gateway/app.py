@@ -36,6 +36,7 @@ from services.common.errors import (
     Unauthorized,
     problem_bytes,
 )
+from services.common.flags import SoldOutFlags
 from services.common.logs import configure_logging, request_id_var
 from services.common.metrics import METRICS_CONTENT_TYPE, RequestStats, render_metrics
 from services.common.middleware import Receive, Scope, Send
@@ -50,7 +51,7 @@ from services.gateway.http import (
     send_asgi,
     send_rsgi,
 )
-from services.gateway.microcache import Entry, MicroCache, SoldOutFlags, listen_for_changes
+from services.gateway.microcache import Entry, MicroCache, listen_for_changes
 from services.gateway.passwords import Passwords
 from services.gateway.proxy import Upstream, request_headers
 from services.gateway.ratelimit import Bucket, RateLimiter
@@ -226,7 +227,7 @@ class Gateway:
             ttl_s=settings.gateway_microcache_ttl_s,
             max_entries=settings.gateway_microcache_entries,
         )
-        self.sold_out = SoldOutFlags(ttl_s=settings.gateway_sold_out_ttl_s)
+        self.sold_out = SoldOutFlags(settings.gateway_sold_out_ttl_s)
         self.stats = RequestStats("gateway")
         self.max_in_flight = settings.gateway_max_in_flight
         self.state: GatewayState | None = None

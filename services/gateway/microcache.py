@@ -106,34 +106,6 @@ class MicroCache:
         self._entries.clear()
 
 
-class SoldOutFlags:
-    """Products the catalog recently answered `sold-out` for, refused here without a call.
-
-    A flag lives `ttl_s` (short), and any product-changed message (restock, cancel,
-    expiry return stock) clears it at once, so a product never stays refused longer
-    than `ttl_s` after stock comes back even if a message is lost.
-    """
-
-    def __init__(self, *, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._until: dict[int, float] = {}
-
-    def is_sold_out(self, product_id: int) -> bool:
-        until = self._until.get(product_id)
-        if until is None:
-            return False
-        if until <= time.monotonic():
-            del self._until[product_id]
-            return False
-        return True
-
-    def mark(self, product_id: int) -> None:
-        self._until[product_id] = time.monotonic() + self.ttl_s
-
-    def clear(self, product_id: int) -> None:
-        self._until.pop(product_id, None)
-
-
 async def listen_for_changes(
     redis: Redis,
     on_change: Callable[[int], None],

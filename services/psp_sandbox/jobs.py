@@ -1,0 +1,115 @@
+"""Callback delivery: at least once, signed, retried with backoff until acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+
+from services.psp_sandbox.settings import SandboxSettings
+from services.psp_sandbox.store import Delivery, SandboxStore
+from services.psp_sandbox.webhooks import SIGNATURE_HEADER, signature_header
+
+log = logging.getLogger("shopstack.psp_sandbox.callbacks")
+
+MAX_BACKOFF_S = 30.0
+
+
+class CallbackDispatcher:
+    """Delivers queued events to the callback URL; any worker may deliver any event."""
+
+    def __init__(self, settings: SandboxSettings, store: SandboxStore, secret: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.secret = secret
+        self.url = settings.psp_callback_url or ""
+        self.wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.psp_callback_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if not self.url:
+            return
+        timeout = aiohttp.ClientTimeout(total=self.settings.psp_callback_timeout_s)
+        connector = aiohttp.TCPConnector(limit=self.settings.psp_callback_concurrency)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self._loop = asyncio.create_task(self._run(), name="psp-callbacks")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def kick(self) -> None:
+        """Deliver now rather than at the next poll."""
+        self.wakeup.set()
+
+    async def _run(self) -> None:
+        lease_ms = int((self.settings.psp_callback_timeout_s + 5) * 1000)
+        while True:
+            try:
+                deliveries = await self.store.claim_callbacks(
+                    lease_ms=lease_ms, limit=self.settings.psp_callback_concurrency
+                )
+            except Exception:
+                log.exception("claiming callbacks failed")
+                deliveries = []
+            for delivery in deliveries:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._deliver(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if not deliveries:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.psp_callback_poll_s):
+                        await self.wakeup.wait()
+                self.wakeup.clear()
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        try:
+            await self._attempt(delivery)
+        except Exception:
+            log.exception("callback bookkeeping failed", extra={"delivery": delivery.id})
+        finally:
+            self._slots.release()
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        assert self._session is not None
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: signature_header(self.secret, delivery.body),
+        }
+        reply = ""
+        try:
+            async with self._session.post(self.url, data=delivery.body, headers=headers) as resp:
+                reply = (await resp.text())[:500]
+                if 200 <= resp.status < 300:
+                    await self.store.callback_delivered(delivery.id)
+                    return
+                reply = f"{resp.status} {reply}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reply = repr(exc)
+        attempts = delivery.attempts + 1
+        if attempts >= self.settings.psp_callback_max_attempts:
+            log.error(
+                "callback given up",
+                extra={"delivery": delivery.id, "reply": reply, "attempts": attempts},
+            )
+            await self.store.callback_given_up(delivery.id)
+            return
+        backoff = min(MAX_BACKOFF_S, self.settings.psp_callback_backoff_s * 2 ** (attempts - 1))
+        log.warning(
+            "callback failed, will retry",
+            extra={"delivery": delivery.id, "reply": reply, "attempts": attempts},
+        )
+        await self.store.callback_retry(delivery, delay_ms=int(backoff * 1000))

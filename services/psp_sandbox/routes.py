@@ -1,0 +1,137 @@
+"""Sandbox HTTP routes: the provider API (/v1) and its controls (/_sandbox)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+
+from services.common.app import JSONResponse
+from services.common.middleware import Receive, Scope, Send
+from services.psp_sandbox import domain
+from services.psp_sandbox.schemas import Charge, ChargeIn, ChargeList, FaultsIn, FaultsOut, Stats
+from services.psp_sandbox.state import SandboxState
+
+router = APIRouter(tags=["psp-sandbox"])
+
+
+def sandbox_state(request: Request) -> SandboxState:
+    state: SandboxState = request.state.app_state
+    return state
+
+
+State = Annotated[SandboxState, Depends(sandbox_state)]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+]
+
+
+class HangingResponse(Response):
+    """A black hole: answers only after `hang_s`, and not at all if the client hangs up first."""
+
+    def __init__(self, body: bytes, *, status_code: int, hang_s: float) -> None:
+        super().__init__(body, status_code=status_code, media_type="application/json")
+        self.hang_s = hang_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with asyncio.timeout(self.hang_s):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            return
+        except TimeoutError:
+            pass
+        await super().__call__(scope, receive, send)
+
+
+class TruncatedResponse(Response):
+    """Sends the status and half the body, then drops the connection (work done, reply lost)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status_code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(self.body)).encode()),
+                ],
+            }
+        )
+        # more_body=True and then returning: the server must close the connection.
+        await send(
+            {
+                "type": "http.response.body",
+                "body": self.body[: len(self.body) // 2],
+                "more_body": True,
+            }
+        )
+
+
+@router.post(
+    "/v1/charges",
+    response_model=Charge,
+    status_code=201,
+    responses={200: {"model": Charge, "description": "The charge this key already created"}},
+)
+async def create_charge(
+    state: State, data: ChargeIn, idempotency_key: IdempotencyKey = None
+) -> Response:
+    outcome = await domain.create_charge(
+        store=state.store,
+        settings=state.sandbox_settings,
+        rng=state.rng,
+        data=data,
+        idempotency_key=idempotency_key,
+    )
+    if outcome.created:
+        state.dispatcher.kick()
+    body = outcome.charge.model_dump_json().encode()
+    status = 201 if outcome.created else 200
+    if outcome.fault == "timeout":
+        return HangingResponse(body, status_code=status, hang_s=state.sandbox_settings.psp_hang_s)
+    if outcome.fault == "reset":
+        return TruncatedResponse(body, status_code=status)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+@router.get("/v1/charges", response_model=ChargeList)
+async def list_charges(
+    state: State, reference: Annotated[str, Query(min_length=1, max_length=255)]
+) -> ChargeList:
+    """Charges created for a reference (how a client settles a charge whose reply it lost)."""
+    return ChargeList(items=await domain.charges_for(store=state.store, reference=reference))
+
+
+@router.get("/v1/charges/{charge_id}", response_model=Charge)
+async def get_charge(
+    state: State, charge_id: Annotated[str, Path(pattern=r"^ch_[0-9a-f]{32}$")]
+) -> Charge:
+    return await domain.get_charge(store=state.store, charge_id=charge_id)
+
+
+@router.get("/_sandbox/faults", response_model=FaultsOut)
+async def get_faults(state: State) -> FaultsOut:
+    return await domain.current_faults(store=state.store, settings=state.sandbox_settings)
+
+
+@router.post("/_sandbox/faults", response_model=FaultsOut)
+async def set_faults(state: State, data: FaultsIn) -> FaultsOut:
+    return await domain.update_faults(store=state.store, settings=state.sandbox_settings, data=data)
+
+
+@router.get("/_sandbox/stats", response_model=Stats)
+async def stats(
+    state: State, reference: Annotated[str | None, Query(min_length=1, max_length=255)] = None
+) -> Stats:
+    """Charge requests and charges created, in total or for one reference."""
+    counts = await state.store.stats(reference)
+    return Stats(reference=reference, **counts)
+
+
+@router.post("/_sandbox/reset")
+async def reset(state: State) -> JSONResponse:
+    """Forget every charge, key, fault and queued callback (tests)."""
+    removed = await state.store.reset()
+    return JSONResponse({"removed_keys": removed})

@@ -1,0 +1,122 @@
+"""Stats HTTP routes: parse, call the domain, shape the reply."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from services.common.app import JSONResponse
+from services.common.errors import problem_body
+from services.stats import domain
+from services.stats.schemas import (
+    MAX_EVENTS,
+    MAX_ID,
+    Accepted,
+    EventIn,
+    Metric,
+    ProductStats,
+    TimeRange,
+    TopStats,
+)
+from services.stats.state import StatsState
+
+router = APIRouter(prefix="/api/v1", tags=["stats"])
+
+
+def _problem(status: int, code: str, detail: str) -> dict[str, Any]:
+    example = problem_body(status, code, None, detail)
+    return {"content": {"application/problem+json": {"example": example}}}
+
+
+_EVENTS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_EVENTS,
+                    "items": EventIn.model_json_schema(),
+                }
+            }
+        },
+    }
+}
+
+
+async def stats_state(request: Request) -> StatsState:
+    state: StatsState = request.state.app_state
+    return state
+
+
+State = Annotated[StatsState, Depends(stats_state)]
+Window = Query(ge=1, le=3600, description="Seconds of event time, ending now")
+
+
+@router.post(
+    "/events",
+    status_code=202,
+    response_model=Accepted,
+    openapi_extra=_EVENTS_BODY,
+    responses={
+        413: _problem(413, "payload-too-large", "request body exceeds 1048576 bytes"),
+        422: _problem(422, "validation-error", "invalid events at index 3"),
+        503: _problem(503, "overloaded", "the event backlog is over its budget"),
+    },
+)
+async def post_events(request: Request) -> Response:
+    """Accept 1..1000 events whole (202), or none of them."""
+    # The hot path: no dependency to solve, the state is read straight off the request.
+    state: StatsState = request.state.app_state
+    body = await request.body()
+    settings = state.stats_settings
+    accepted = await domain.ingest(
+        stream=state.stream,
+        body=body,
+        ts_range=TimeRange(
+            time.time_ns() // 1000,
+            max_future_s=settings.stats_max_future_s,
+            max_age_s=settings.stats_max_age_s,
+        ),
+        retry_after_s=settings.stats_retry_after_s,
+    )
+    return JSONResponse({"accepted": accepted}, status_code=202)
+
+
+@router.get("/stats/products/{product_id}", response_model=ProductStats)
+async def product_stats(
+    state: State,
+    product_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    window: Annotated[int, Window] = 60,
+) -> Response:
+    """Counts of one product over the last `window` seconds of event time."""
+    doc = await domain.product_stats(
+        aggregates=state.aggregates,
+        tiers=state.tiers,
+        product_id=product_id,
+        window_s=window,
+        now_s=int(time.time()),
+    )
+    return JSONResponse(doc)
+
+
+@router.get("/stats/top", response_model=TopStats)
+async def top_products(
+    state: State,
+    metric: Metric = Metric.VIEWS,
+    window: Annotated[int, Window] = 300,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> Response:
+    """The products with the most `metric` over the last `window` seconds."""
+    doc = await domain.top_products(
+        aggregates=state.aggregates,
+        tiers=state.tiers,
+        metric=metric.value,
+        window_s=window,
+        limit=limit,
+        now_s=int(time.time()),
+    )
+    return JSONResponse(doc)

@@ -1,0 +1,87 @@
+"""Every SQL statement of the stats service, one function per query."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from services.common.db import Connection
+
+STAGING_TABLE = "stats_staging"
+STAGING_COLUMNS = (
+    "event_id",
+    "type",
+    "product_id",
+    "user_id",
+    "ts",
+    "received_at",
+    "stream_id",
+)
+
+# (event_id, type, product_id, user_id, ts, received_at, stream_id)
+StagedEvent = tuple[str, str, int, str, datetime, datetime, str]
+
+
+async def create_staging(conn: Connection) -> None:
+    """The session's staging table: unlogged by nature (temporary), emptied at each commit."""
+    await conn.execute(
+        f"""
+        CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE} (
+            event_id uuid, type text, product_id bigint, user_id text,
+            ts timestamptz, received_at timestamptz, stream_id text
+        ) ON COMMIT DELETE ROWS
+        """
+    )
+
+
+async def stage(conn: Connection, rows: list[StagedEvent]) -> None:
+    """Binary COPY of a batch into the staging table (inside the caller's transaction)."""
+    await conn.copy_records_to_table(STAGING_TABLE, records=rows, columns=STAGING_COLUMNS)
+
+
+async def insert_staged(conn: Connection) -> list[tuple[str, str]]:
+    """Move staged events into stats_events, once per event_id; return (event_id, entry) pairs.
+
+    Rows go in event_id order so two writers holding the same ids never deadlock.
+    """
+    rows = await conn.fetch(
+        f"""
+        INSERT INTO stats_events
+            (event_id, type, product_id, user_id, ts, received_at, stream_id)
+        SELECT event_id, type, product_id, user_id, ts, received_at, stream_id
+        FROM {STAGING_TABLE}
+        ORDER BY event_id
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING event_id::text, stream_id
+        """  # noqa: S608 (constant table name)
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def staged_owners(conn: Connection) -> list[tuple[str, str]]:
+    """(event_id, entry) pairs of staged events whose row was inserted by that same entry.
+
+    Run after insert_staged, for batches holding redelivered entries: it also finds
+    rows an earlier, interrupted attempt committed, and rows another writer committed
+    while this insert waited for it.
+    """
+    rows = await conn.fetch(
+        f"""
+        SELECT DISTINCT e.event_id::text, e.stream_id
+        FROM {STAGING_TABLE} s
+        JOIN stats_events e ON e.event_id = s.event_id AND e.stream_id = s.stream_id
+        """  # noqa: S608 (constant table name)
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def owned_by_entry(conn: Connection, event_ids: list[str], stream_id: str) -> list[str]:
+    """Which of these events are stored with `stream_id` as the entry that inserted them."""
+    rows = await conn.fetch(
+        """
+        SELECT event_id::text FROM stats_events
+        WHERE event_id = ANY($1::uuid[]) AND stream_id = $2
+        """,
+        event_ids,
+        stream_id,
+    )
+    return [row[0] for row in rows]
