@@ -160,6 +160,18 @@ def test_audit_passes_and_names_what_it_could_not_check(
     assert checks["api-stock-matches-db"]["status"] == "passed"
     for check in checks.values():
         assert check["status"] in ("passed", "not-available")
+    # What the run exercised must have been checked, not merely found absent.
+    ran = {s["name"] for s in report["scenarios"] if s["status"] == "ok"}
+    needs = {
+        "payment": ["stock-invariant", "sold-within-on-sale", "no-double-charge"],
+        "callbacks": ["callbacks-applied-once"],
+        "callbacks-unique": ["callbacks-applied-once"],
+    }
+    for name in ran:
+        for check in needs.get(name, []):
+            assert checks[check]["status"] == "passed", (name, checks[check])
+    if report["stats_probe"]["accepted"]:
+        assert checks["stats-events-stored"]["status"] == "passed", checks["stats-events-stored"]
 
 
 def test_slo_miss_fails_the_run_and_lists_the_miss(
