@@ -321,6 +321,7 @@ async def send_phase(
         warm,
         end_db,
     )
+    assert lags is not None  # an aggregate over any set of rows returns one row
     phase.lag_p50_s = float(lags["p50"] or 0)
     phase.lag_p99_s = float(lags["p99"] or 0)
     phase.lag_max_s = float(lags["max"] or 0)

@@ -1,4 +1,4 @@
-"""The `shopstack` command: up, serve, migrate, seed."""
+"""The `shopstack` command: up, serve, migrate, seed, loadtest."""
 
 from __future__ import annotations
 
@@ -235,10 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--products", type=int, default=1000)
     seed.add_argument("--users", type=int, default=1000)
     seed.set_defaults(func=cmd_seed)
+
+    # Listed for --help only: main() hands `loadtest ...` to loadtests.cli with its own options.
+    sub.add_parser("loadtest", help="run the load-test scenarios (shopstack loadtest --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["loadtest"]:
+        from loadtests.cli import main as loadtest_main
+
+        return loadtest_main(raw[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
