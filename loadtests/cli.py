@@ -33,6 +33,7 @@ from loadtests.scenarios import SCENARIOS, execute
 from loadtests.session import SCENARIO_NAMES, Options, Session
 from loadtests.slo import SloFileError, evaluate, load_slo
 from loadtests.statsprobe import StatsProbe
+from services.common.launcher import read_stack_file
 
 
 def _pairs(text: str, kind: type[float] | type[int]) -> dict[str, Any]:
@@ -58,6 +59,8 @@ def run_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = Options()
+    # A stack started here by `make run` records its data servers' URLs.
+    running = read_stack_file(Path(os.environ.get("SHOPSTACK_DATA_DIR", ".data")))
     p.add_argument("--target", default=d.target, help="the stack's gateway (default %(default)s)")
     p.add_argument("--slo", type=Path, help="SLO file: exit 1 listing every threshold missed")
     p.add_argument(
@@ -112,10 +115,14 @@ def run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--database-url",
-        default=os.environ.get("SHOPSTACK_DATABASE_URL"),
-        help="the stack's Postgres, for the audit (default $SHOPSTACK_DATABASE_URL)",
+        default=os.environ.get("SHOPSTACK_DATABASE_URL") or running.get("database_url"),
+        help="the stack's Postgres, for the audit (default $SHOPSTACK_DATABASE_URL, else "
+        "what a local `make run` recorded in .data/run/stack.json)",
     )
-    p.add_argument("--redis-url", default=os.environ.get("SHOPSTACK_REDIS_URL"))
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("SHOPSTACK_REDIS_URL") or running.get("redis_url"),
+    )
     p.add_argument("--out", type=Path, default=d.out_dir, help="reports go to OUT/<timestamp>/")
     p.add_argument(
         "--quick",

@@ -127,13 +127,14 @@ def _parse_workers(spec: str) -> dict[str, int]:
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the whole stack in the foreground; Ctrl-C stops it all."""
     from services.common.embedded import EmbeddedPostgres, EmbeddedRedis
-    from services.common.launcher import Stack, StackPlan, wait_for_stop_signal
+    from services.common.launcher import Stack, StackPlan, wait_for_stop_signal, write_stack_file
 
     settings = load(CommonSettings)
     data_dir = Path(args.data_dir)
     embedded_pg: EmbeddedPostgres | None = None
     embedded_redis: EmbeddedRedis | None = None
     stack: Stack | None = None
+    stack_file: Path | None = None
     env: dict[str, str] = {"SHOPSTACK_ENV": settings.env.value}
     try:
         dsn = settings.database_url
@@ -166,6 +167,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack = Stack(plan)
         stack.start()
         stack.wait_ready(timeout_s=args.ready_timeout)
+        stack_file = write_stack_file(
+            plan.run_dir,
+            {"database_url": dsn, "redis_url": redis_url, "gateway_url": plan.url("gateway")},
+        )
         _print_banner(plan, settings)
         reason = wait_for_stop_signal(stack)
         print(f"stopping ({reason}) ...", flush=True)
@@ -174,6 +179,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"shopstack up: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        if stack_file is not None:
+            stack_file.unlink(missing_ok=True)
         if stack is not None:
             stack.stop()
         if embedded_redis is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -163,3 +164,25 @@ def wait_for_stop_signal(stack: Stack, on_signal: Callable[[], None] | None = No
     if on_signal:
         on_signal()
     return reason[0]
+
+
+STACK_FILE = "stack.json"
+
+
+def write_stack_file(run_dir: Path, info: dict[str, str]) -> Path:
+    """Record where the running stack's servers are (for `shopstack loadtest`), owner-only."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / STACK_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(info, out)
+    return path
+
+
+def read_stack_file(data_dir: Path) -> dict[str, str]:
+    """What `shopstack up` recorded under `data_dir`, or {} when no stack runs from there."""
+    try:
+        info = json.loads((data_dir / "run" / STACK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {}

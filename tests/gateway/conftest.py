@@ -48,6 +48,7 @@ def stack(
     yield running
     leftovers = stop_stack(running)
     assert leftovers == [], f"processes left behind: {leftovers}"
+    assert not (running.log_path.parent / "data" / "run" / "stack.json").exists()
 
 
 @pytest.fixture(scope="session")

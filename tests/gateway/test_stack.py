@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from services.common.launcher import read_stack_file
 from services.common.settings import DEV_SECRETS, SERVICES
 from tests.gateway.helpers import assert_problem
 from tests.support.stack import RunningStack, ready
@@ -207,3 +208,13 @@ def test_sold_out_through_the_gateway(stack: RunningStack) -> None:
     )
     assert_problem(keyed, 409, "sold-out")
     assert wait_for_stock(stack, 17, 0) == 0
+
+
+def test_the_launcher_records_where_its_servers_are(stack: RunningStack) -> None:
+    """`shopstack loadtest` finds a local stack's database from this file (owner-only)."""
+    data_dir = stack.log_path.parent / "data"
+    info = read_stack_file(data_dir)
+    assert info["gateway_url"] == stack.url()
+    assert info["database_url"].startswith("postgresql://")
+    assert info["redis_url"].startswith("redis://")
+    assert (data_dir / "run" / "stack.json").stat().st_mode & 0o077 == 0
