@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,9 +22,15 @@ REDIS_TEST_DB = int(os.environ.get("SHOPSTACK_TEST_REDIS_DB", "9"))
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    with base_servers(tmp_path_factory.mktemp("servers")) as found:
-        yield found
+def servers() -> Iterator[tuple[str, str]]:
+    # Not under pytest's tmp base: a later pytest run on the same machine prunes old
+    # /tmp/pytest-of-<user>/pytest-N directories, live embedded data dirs included.
+    data_dir = Path(tempfile.mkdtemp(prefix="shopstack-test-servers-"))
+    try:
+        with base_servers(data_dir) as found:
+            yield found
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
