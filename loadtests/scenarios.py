@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ RATE_LIMIT_HINT = (
 )
 
 
-class Scenario:
+class Scenario(ABC):
     """One scenario: how to check it exists, prepare it, and run it in both models."""
 
     name = ""
@@ -50,19 +51,22 @@ class Scenario:
     def shape(self, s: Session) -> Shape:
         return Shape(self.tool, self.connections(s), self.close, self.method)
 
+    @abstractmethod
     async def availability(self, s: Session) -> Availability:
-        raise NotImplementedError
+        """Whether the target serves this scenario's endpoints (404/501: skip it)."""
 
-    def prepare(self, s: Session) -> None:
+    def prepare(self, s: Session) -> None:  # noqa: B027 (optional hook)
         """One-time set-up before the warm-up (default: nothing needed)."""
 
+    @abstractmethod
     def closed(self, s: Session, duration_s: float, est_rps: float | None) -> Run:
-        raise NotImplementedError
+        """One closed-loop run with wrk or ab."""
 
+    @abstractmethod
     def source(self, s: Session, rate: float, duration_s: float) -> dict[str, Any]:
-        raise NotImplementedError
+        """The open-model generator's request source for `rate` requests/s."""
 
-    def after_run(self, s: Session, run: Run) -> None:
+    def after_run(self, s: Session, run: Run) -> None:  # noqa: B027 (optional hook)
         """Record in the ledger what the audit must find (default: nothing)."""
 
     def wrk(self, s: Session, script: str, args: list[str], duration_s: float) -> Run:
