@@ -14,8 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.migrations import apply_migrations
-from tests.support.servers import base_servers, create_database, drop_database, with_redis_db
+from tests.support.servers import base_servers, migrated_database, with_redis_db
 
 # Each concurrent test run on one Redis picks its own index (0 is left to `make run`).
 REDIS_TEST_DB = int(os.environ.get("SHOPSTACK_TEST_REDIS_DB", "9"))
@@ -35,11 +34,8 @@ def servers() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 def database_url(servers: tuple[str, str]) -> Iterator[str]:
-    admin_dsn = servers[0]
-    dsn = asyncio.run(create_database(admin_dsn))
-    asyncio.run(apply_migrations(dsn))
-    yield dsn
-    asyncio.run(drop_database(admin_dsn, dsn))
+    with migrated_database(servers[0]) as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

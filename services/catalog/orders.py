@@ -330,14 +330,20 @@ async def internal_get(*, inv: Inventory, order_id: UUID) -> Any:
     return row
 
 
+async def _payable(conn: Any, order_id: UUID, payment_id: UUID, now: datetime) -> Any:
+    """The order, locked, if `payment_id` may hold or pay it; 409 order-not-payable if not."""
+    row = await _locked(conn, order_id)
+    why = _why_not_payable(row, payment_id, now)
+    if why is not None:
+        raise _not_payable(order_id, why)
+    return row
+
+
 async def hold_order(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
     """Hold a reserved order for a payment so the sweeper leaves it alone meanwhile."""
     now = datetime.now(UTC)
     async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
-        row = await _locked(conn, order_id)
-        why = _why_not_payable(row, payment_id, now)
-        if why is not None:
-            raise _not_payable(order_id, why)
+        row = await _payable(conn, order_id, payment_id, now)
         if row["status"] == "paid":
             return row
         until = now + timedelta(seconds=inv.settings.catalog_hold_ttl_s)
@@ -348,10 +354,7 @@ async def mark_order_paid(*, inv: Inventory, order_id: UUID, payment_id: UUID) -
     """The payment succeeded: the order becomes paid (idempotent per payment)."""
     now = datetime.now(UTC)
     async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
-        row = await _locked(conn, order_id)
-        why = _why_not_payable(row, payment_id, now)
-        if why is not None:
-            raise _not_payable(order_id, why)
+        row = await _payable(conn, order_id, payment_id, now)
         if row["status"] == "paid":
             return row
         paid = await storage.mark_paid(conn, order_id, payment_id=payment_id, now=now)

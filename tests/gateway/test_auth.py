@@ -22,8 +22,9 @@ from services.common.settings import DEV_SECRETS
 from services.gateway.app import create_app
 from services.gateway.passwords import Passwords
 from tests.gateway.conftest import Echo, gateway_settings
-from tests.gateway.helpers import assert_problem, login
+from tests.gateway.helpers import login
 from tests.support.asgi import client_for
+from tests.support.problems import assert_problem
 from tests.support.servers import free_port
 
 SECRET = DEV_SECRETS["jwt_secret"]

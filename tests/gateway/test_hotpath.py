@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 from services.catalog.cache import CHANGED_CHANNEL
 from services.gateway.app import create_app
 from tests.gateway.conftest import Echo, gateway_settings
-from tests.gateway.helpers import assert_problem, login
+from tests.gateway.helpers import login
 from tests.support.asgi import client_for
+from tests.support.problems import assert_problem
 
 
 async def test_concurrent_misses_make_one_upstream_call(

@@ -9,8 +9,9 @@ import pytest
 
 from services.gateway.app import create_app
 from tests.gateway.conftest import Echo, gateway_settings
-from tests.gateway.helpers import assert_problem, login
+from tests.gateway.helpers import login
 from tests.support.asgi import client_for
+from tests.support.problems import assert_problem
 from tests.support.servers import free_port
 
 

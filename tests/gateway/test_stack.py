@@ -10,7 +10,7 @@ import pytest
 
 from services.common.launcher import read_stack_file
 from services.common.settings import DEV_SECRETS, SERVICES
-from tests.gateway.helpers import assert_problem
+from tests.support.problems import assert_problem
 from tests.support.stack import RunningStack, ready
 
 

@@ -12,11 +12,10 @@ import asyncpg
 import httpx
 import pytest
 
-from services.common.migrations import apply_migrations
 from services.payment.settings import PaymentSettings
 from tests.payment.catalog_standin import CatalogStandIn
 from tests.psp_sandbox.process import WEBHOOK_SECRET, ServiceProcess, start_service
-from tests.support.servers import create_database, drop_database, free_port
+from tests.support.servers import free_port, migrated_database
 
 # Timers shortened so the unknown-outcome paths settle within a test's patience.
 PAYMENT_ENV = {
@@ -51,23 +50,8 @@ class FakeClock:
 def database_url(servers: tuple[str, str]) -> Iterator[str]:
     """A database of payment's own: other suites run whole stacks (with their own payment
     relay and settle jobs) against the shared test database, which would race ours."""
-    admin_dsn = servers[0]
-    dsn = asyncio.run(create_database(admin_dsn))
-    asyncio.run(apply_migrations(dsn))
-    yield dsn
-    asyncio.run(drop_database(admin_dsn, dsn))
-
-
-@pytest.fixture(scope="session")
-def settings_kwargs(database_url: str, redis_url: str) -> dict[str, Any]:
-    return {"database_url": database_url, "redis_url": redis_url, "log_level": "WARNING"}
-
-
-@pytest.fixture
-async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    yield conn
-    await conn.close()
+    with migrated_database(servers[0]) as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")
@@ -217,13 +201,3 @@ async def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.
             return time.monotonic() - started
         assert time.monotonic() - started < timeout_s, f"not true within {timeout_s} s"
         await asyncio.sleep(interval_s)
-
-
-def assert_problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/problem+json"
-    doc: dict[str, Any] = resp.json()
-    assert doc["type"] == f"/problems/{code}"
-    assert doc["status"] == status
-    assert "Traceback" not in resp.text
-    return doc

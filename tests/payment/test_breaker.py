@@ -15,9 +15,10 @@ from services.payment.breaker import BreakerOpen, ProviderBreaker
 from services.payment.provider import ProviderCharge, ProviderUnavailable, SandboxProvider
 from services.payment.state import is_breaker_failure
 from tests.payment.catalog_standin import CatalogStandIn
-from tests.payment.conftest import FakeClock, assert_problem, pay, payment_settings, user
+from tests.payment.conftest import FakeClock, pay, payment_settings, user
 from tests.psp_sandbox.process import ServiceProcess
 from tests.support.asgi import client_for
+from tests.support.problems import assert_problem
 
 
 async def charge_requests(psp: httpx.AsyncClient) -> int:

@@ -13,8 +13,9 @@ import orjson
 
 from services.psp_sandbox.webhooks import signature, signature_header
 from tests.payment.catalog_standin import CatalogStandIn, StandInOrder
-from tests.payment.conftest import assert_problem, pay, user, wait_until
+from tests.payment.conftest import pay, user, wait_until
 from tests.psp_sandbox.process import WEBHOOK_SECRET
+from tests.support.problems import assert_problem
 
 CALLBACK = "/api/v1/payments/callbacks/psp"
 

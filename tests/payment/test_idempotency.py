@@ -14,7 +14,8 @@ from services.payment import storage
 from services.payment.idempotency import fingerprint
 from services.payment.settings import PaymentSettings
 from tests.payment.catalog_standin import CatalogStandIn
-from tests.payment.conftest import assert_problem, charges_for_order, pay, user, wait_until
+from tests.payment.conftest import charges_for_order, pay, user, wait_until
+from tests.support.problems import assert_problem
 
 
 async def test_pay1_same_key_50_concurrent_then_50_sequential(

@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from tests.payment.catalog_standin import CatalogStandIn
-from tests.payment.conftest import assert_problem, charges_for_order, pay, user, wait_until
+from tests.payment.conftest import charges_for_order, pay, user, wait_until
 from tests.psp_sandbox.process import ServiceProcess, declare_huge_body
+from tests.support.problems import assert_problem
 
 
 async def test_outbox_survives_a_catalog_outage(

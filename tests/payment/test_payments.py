@@ -10,12 +10,12 @@ import httpx
 
 from tests.payment.catalog_standin import CatalogStandIn
 from tests.payment.conftest import (
-    assert_problem,
     charges_for_order,
     pay,
     user,
     wait_until,
 )
+from tests.support.problems import assert_problem
 
 
 async def test_a_payment_succeeds_and_the_order_is_paid_within_2s(

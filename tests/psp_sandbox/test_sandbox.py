@@ -15,6 +15,7 @@ from services.psp_sandbox.domain import env_faults
 from services.psp_sandbox.settings import SandboxSettings
 from tests.psp_sandbox.conftest import Receiver
 from tests.psp_sandbox.process import WEBHOOK_SECRET, ServiceProcess, declare_huge_body
+from tests.support.problems import assert_problem
 
 
 def charge_body(reference: str | None = None, amount: int = 1500) -> dict[str, Any]:
@@ -33,13 +34,6 @@ async def wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
         await asyncio.sleep(0.02)
-
-
-def assert_problem(resp: httpx.Response, status: int, code: str) -> None:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/problem+json"
-    assert resp.json()["type"] == f"/problems/{code}"
-    assert "Traceback" not in resp.text
 
 
 async def test_one_charge_per_idempotency_key_under_concurrency(psp: httpx.AsyncClient) -> None:

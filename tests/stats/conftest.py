@@ -181,16 +181,6 @@ def span(doc: dict[str, Any]) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(doc["from"]), datetime.fromisoformat(doc["to"])
 
 
-def assert_problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/problem+json"
-    doc: dict[str, Any] = resp.json()
-    assert doc["type"] == f"/problems/{code}"
-    assert doc["status"] == status
-    assert "Traceback" not in resp.text
-    return doc
-
-
 async def pending_count(rds: aioredis.Redis, names: Names) -> int:
     try:
         summary = await rds.xpending(names.stream, names.group)

@@ -17,7 +17,6 @@ from services.stats.buckets import HORIZON_S, Tiers
 from tests.stats.conftest import (
     JSON,
     Names,
-    assert_problem,
     backlog,
     body,
     brute_force,
@@ -27,6 +26,7 @@ from tests.stats.conftest import (
     stored,
     wait_for,
 )
+from tests.support.problems import assert_problem
 
 TYPES = ["view"] * 6 + ["cart"] * 3 + ["purchase"]
 METRIC_TYPES = {"views": "view", "carts": "cart", "purchases": "purchase"}

@@ -15,7 +15,6 @@ import redis.asyncio as aioredis
 from tests.stats.conftest import (
     JSON,
     Names,
-    assert_problem,
     backlog,
     body,
     event,
@@ -23,6 +22,7 @@ from tests.stats.conftest import (
     stored,
     wait_for,
 )
+from tests.support.problems import assert_problem
 
 
 async def test_batch_is_accepted_and_stored_within_seconds(

@@ -6,6 +6,7 @@ Redis database index of its own (flushed before and after).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -93,3 +94,16 @@ async def drop_database(admin_dsn: str, dsn: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@contextmanager
+def migrated_database(admin_dsn: str) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped afterwards."""
+    from services.common.migrations import apply_migrations
+
+    dsn = asyncio.run(create_database(admin_dsn))
+    try:
+        asyncio.run(apply_migrations(dsn))
+        yield dsn
+    finally:
+        asyncio.run(drop_database(admin_dsn, dsn))
