@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.asgi import ASGIApp, Message, Receive, Scope, Send
 from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, code_for_status, problem_body
+from services.common.fastlane import FastLane, FastRoute, ServiceApp
 from services.common.health import Check, failing_checks
 from services.common.logs import configure_logging
 from services.common.metrics import METRICS_CONTENT_TYPE, render_metrics
@@ -181,8 +182,13 @@ def build_app(
     description: str,
     lifespan: Callable[[CommonSettings], AbstractAsyncContextManager[ServiceState]],
     routers: Iterable[APIRouter],
-) -> FastAPI:
-    """Build a service app: lifespan-owned state, middleware, problem+json, health."""
+    fast_routes: Iterable[FastRoute] = (),
+) -> ServiceApp:
+    """Build a service app: lifespan-owned state, middleware, problem+json, health.
+
+    `fast_routes` are answered by the fast lane (services.common.fastlane) unless
+    the fast_lane setting is off.
+    """
     configure_logging(settings.service_name, level=settings.log_level, json_logs=settings.json_logs)
 
     @asynccontextmanager
@@ -192,7 +198,7 @@ def build_app(
             yield {"app_state": state}
         log.info("stopped")
 
-    app = FastAPI(
+    app = ServiceApp(
         title=title,
         description=description,
         version="1.0.0",
@@ -212,4 +218,13 @@ def build_app(
         body_read_timeout_s=settings.body_read_timeout_s,
     )
     app.add_middleware(ObservabilityMiddleware, service=settings.service_name)
+    if settings.fast_lane:
+        app.fast_lane = FastLane(
+            fast_routes,
+            max_body_bytes=settings.max_body_bytes,
+            body_read_timeout_s=settings.body_read_timeout_s,
+        )
+        app.fast_stack = ObservabilityMiddleware(
+            CatchAllMiddleware(app.fast_lane), service=settings.service_name
+        )
     return app

@@ -96,6 +96,11 @@ class CommonSettings(BaseSettings):
         le=600,
         description="time a client has to send a whole request body (408 beyond)",
     )
+    fast_lane: bool = Field(
+        default=True,
+        description="answer each service's hottest routes past the framework stack "
+        "(same middleware, errors and limits; off: FastAPI serves them)",
+    )
     max_header_bytes: int = Field(
         default=16_384,
         ge=8192,

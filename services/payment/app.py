@@ -6,13 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-
 from services.common import settings as common_settings
 from services.common.app import build_app
+from services.common.fastlane import ServiceApp
 from services.payment.breaker import Clock
 from services.payment.jobs import Jobs
-from services.payment.routes import router
+from services.payment.routes import FAST_ROUTES, router
 from services.payment.settings import PaymentSettings
 from services.payment.state import PaymentState, open_payment_state
 
@@ -22,7 +21,7 @@ def create_app(
     *,
     breaker_clock: Clock = time.monotonic,
     run_jobs: bool = True,
-) -> FastAPI:
+) -> ServiceApp:
     """Build the payment app; settings come from the environment unless given.
 
     `breaker_clock` (monotonic seconds) is injectable for tests of the breaker's timing.
@@ -49,4 +48,5 @@ def create_app(
         "retries with a budget, a circuit breaker, signed callbacks and an outbox to the catalog.",
         lifespan=lifespan,
         routers=[router],
+        fast_routes=FAST_ROUTES,
     )

@@ -29,11 +29,22 @@ async def process_event(state: PaymentState, event: CallbackEvent) -> str:
         "charge_id": data.charge_id,
     }
     status = OUTCOMES.get(event.type)
-    changed = False
-    if await storage.event_seen(state.db, event.id):
+    if event.id in state.recorded_events or await storage.event_seen(state.db, event.id):
         # A recorded event committed together with its effect: nothing left to do.
+        state.recorded_events.add(event.id)
         WEBHOOKS.labels("duplicate").inc()
         return "duplicate"
+    outcome = await _record_and_apply(state, event, status, context)
+    # Recorded now (by this call or by a concurrent twin): later deliveries skip the query.
+    state.recorded_events.add(event.id)
+    return outcome
+
+
+async def _record_and_apply(
+    state: PaymentState, event: CallbackEvent, status: str | None, context: dict[str, str]
+) -> str:
+    data = event.data
+    changed = False
     async with state.db.acquire() as conn, conn.transaction():
         fresh = await storage.insert_event(
             conn,

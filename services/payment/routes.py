@@ -15,6 +15,7 @@ from services.common.errors import (
     ValidationProblem,
     problem_bytes,
 )
+from services.common.fastlane import FastReply, FastRequest, FastRoute
 from services.common.identity import Caller, current_caller
 from services.payment import domain, events, idempotency
 from services.payment.idempotency import REPLAYED_HEADER, KeyClaim, StoredResponse
@@ -141,7 +142,14 @@ async def get_payment(
 )
 async def psp_callback(request: Request, state: State) -> Response:
     """Provider webhook, signed with PSP-Signature; a repeated event id is a no-op."""
-    raw = await request.body()
+    reply = await callback(FastRequest(state, request.headers, await request.body()))
+    return Response(reply.body, status_code=reply.status, media_type="application/json")
+
+
+async def callback(request: FastRequest) -> FastReply:
+    """The callback route itself (the fast lane serves it; see FAST_ROUTES)."""
+    state: PaymentState = request.state
+    raw = request.body
     verify_signature(
         request.headers.get("psp-signature"),
         raw,
@@ -158,4 +166,7 @@ async def psp_callback(request: Request, state: State) -> Response:
         ]
         raise ValidationProblem("the event is not valid", extra={"errors": errors}) from None
     outcome = await events.process_event(state, event)
-    return Response(_CALLBACK_REPLIES[outcome], media_type="application/json")
+    return FastReply(200, _CALLBACK_REPLIES[outcome])
+
+
+FAST_ROUTES = [FastRoute("POST", "/api/v1/payments/callbacks/psp", callback)]

@@ -125,6 +125,13 @@ class PaymentSettings(CommonSettings):
     psp_webhook_tolerance_s: int = Field(
         default=300, ge=1, le=3600, description="callbacks are accepted while |now - t| <= this"
     )
+    psp_event_cache_size: int = Field(
+        default=100_000,
+        ge=0,
+        le=10_000_000,
+        description="provider event ids remembered per worker as recorded, so a redelivery "
+        "is answered without a query (0: always ask Postgres)",
+    )
 
     # Short connections (docs/payments.md): a deep accept queue, HTTP/1 only, a quick
     # header timeout, a cap on concurrent requests per worker, small bodies.

@@ -59,6 +59,30 @@ class PaymentState(DataState):
         self.webhook_secret = settings.secret("psp_webhook_secret")
         # Set after a commit that queued outbox messages: the relay sends them at once.
         self.outbox_wakeup = asyncio.Event()
+        # Provider event ids known to be recorded (committed): a redelivery is answered
+        # `duplicate` without a query. A record is never undone, so the set cannot go stale.
+        self.recorded_events = RecentSet(settings.psp_event_cache_size)
+
+
+class RecentSet:
+    """A set that keeps at most `size` members, forgetting the oldest first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._members: dict[str, None] = {}
+
+    def __contains__(self, member: str) -> bool:
+        return member in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, member: str) -> None:
+        if self.size <= 0 or member in self._members:
+            return
+        if len(self._members) >= self.size:
+            del self._members[next(iter(self._members))]
+        self._members[member] = None
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ import asyncpg
 import httpx
 import orjson
 
+from services.payment.state import RecentSet
 from services.psp_sandbox.webhooks import signature, signature_header
 from tests.payment.catalog_standin import CatalogStandIn, StandInOrder
 from tests.payment.conftest import pay, user, wait_until
@@ -251,3 +252,40 @@ async def test_events_that_do_not_match_the_payment_change_nothing(
     unknown["type"] = "charge.refunded"
     assert (await send(api, orjson.dumps(unknown))).json() == {"status": "ignored"}
     assert await status_of(pg, payment_id) == "pending"
+
+
+async def test_a_redelivery_is_answered_from_the_worker_memory(
+    api: httpx.AsyncClient, standin: CatalogStandIn, pg: asyncpg.Connection
+) -> None:
+    """Once an event is recorded, the worker answers its redeliveries without asking Postgres.
+
+    Shown by removing the record behind the worker's back: the redelivery is still a
+    duplicate, and nothing is recorded or queued again.
+    """
+    payment_id, order = await pending_payment(pg, standin, "u-mem-" + uuid.uuid4().hex[:6])
+    body = event(payment_id, "succeeded", amount_cents=order.amount_cents)
+    assert (await send(api, body)).json() == {"status": "processed"}
+    await pg.execute("DELETE FROM payment_psp_events WHERE payment_id = $1", payment_id)
+    again = await send(api, body)
+    assert again.status_code == 200
+    assert again.json() == {"status": "duplicate"}
+    assert (
+        await pg.fetchval(
+            "SELECT count(*) FROM payment_psp_events WHERE payment_id = $1", payment_id
+        )
+        == 0
+    )
+    outbox = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
+    assert [r["kind"] for r in outbox] == ["paid"]
+
+
+def test_the_recorded_events_memory_is_bounded_and_forgets_the_oldest() -> None:
+    remembered = RecentSet(3)
+    for member in ("a", "b", "c", "b", "d"):
+        remembered.add(member)
+    assert len(remembered) == 3
+    assert "a" not in remembered
+    assert all(m in remembered for m in ("b", "c", "d"))
+    off = RecentSet(0)
+    off.add("a")
+    assert "a" not in off
