@@ -327,22 +327,31 @@ class InventoryGate:
 
     async def view(self, product_id: int) -> GateView:
         """Stock, markers and pending ages of one product, read in one MULTI."""
-        p, _, r, q = _keys(product_id)
+        return (await self.views([product_id]))[product_id]
+
+    async def views(self, product_ids: list[int]) -> dict[int, GateView]:
+        """`view` of several products, all read in one MULTI (one round trip)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(p, "stock")
-            pipe.hgetall(r)
-            pipe.zrange(q, 0, -1, withscores=True)
-            stock, raw_markers, pending = await pipe.execute()
-        markers: dict[str, Marker] = {}
-        for raw_rid, raw in raw_markers.items():
-            rid = _text(raw_rid)
-            state, user_id, quantity = _text(raw).split("|")
-            markers[rid] = Marker(rid, state == "P", user_id, int(quantity))
-        return GateView(
-            stock=None if stock is None else int(stock),
-            markers=markers,
-            pending_since_ms={_text(rid): int(score) for rid, score in pending},
-        )
+            for product_id in product_ids:
+                p, _, r, q = _keys(product_id)
+                pipe.hget(p, "stock")
+                pipe.hgetall(r)
+                pipe.zrange(q, 0, -1, withscores=True)
+            replies = await pipe.execute()
+        found: dict[int, GateView] = {}
+        for i, product_id in enumerate(product_ids):
+            stock, raw_markers, pending = replies[3 * i : 3 * i + 3]
+            markers: dict[str, Marker] = {}
+            for raw_rid, raw in raw_markers.items():
+                rid = _text(raw_rid)
+                state, user_id, quantity = _text(raw).split("|")
+                markers[rid] = Marker(rid, state == "P", user_id, int(quantity))
+            found[product_id] = GateView(
+                stock=None if stock is None else int(stock),
+                markers=markers,
+                pending_since_ms={_text(rid): int(score) for rid, score in pending},
+            )
+        return found
 
     async def loaded_stock(self, product_id: int) -> int | None:
         """The gate stock of a product, or None when it is not loaded."""

@@ -224,7 +224,7 @@ async def reconcile(inv: Inventory) -> ReconcileReport:
 
 
 async def _views(inv: Inventory, product_ids: list[int]) -> dict[int, GateView]:
-    return {pid: await inv.gate.view(pid) for pid in product_ids}
+    return await inv.gate.views(product_ids) if product_ids else {}
 
 
 async def _reconcile_chunk(inv: Inventory, ids: list[int], report: ReconcileReport) -> None:
