@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-
-from services.catalog.order_routes import internal_router
+from services.catalog.order_routes import FAST_ROUTES, internal_router
 from services.catalog.order_routes import router as order_router
 from services.catalog.routes import router
 from services.catalog.settings import CatalogSettings
 from services.catalog.state import CatalogState, open_catalog_state
 from services.common import settings as common_settings
 from services.common.app import build_app
+from services.common.fastlane import ServiceApp
 
 
-def create_app(settings: CatalogSettings | None = None) -> FastAPI:
+def create_app(settings: CatalogSettings | None = None) -> ServiceApp:
     """Build the catalog app; settings come from the environment unless given."""
     resolved = settings or common_settings.load(CatalogSettings)
     assert isinstance(resolved, CatalogSettings)
@@ -35,4 +34,5 @@ def create_app(settings: CatalogSettings | None = None) -> FastAPI:
         ),
         lifespan=lifespan,
         routers=[router, order_router, internal_router],
+        fast_routes=FAST_ROUTES,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -13,6 +14,15 @@ from services.catalog.idempotency import SCOPE_CREATE_ORDER, request_hash, run_o
 from services.catalog.schemas import InternalOrder, Order, OrderIn, PaymentRef
 from services.catalog.state import CatalogState
 from services.common.errors import PROBLEM_CONTENT_TYPE, problem_body
+from services.common.fastlane import (
+    FastHandler,
+    FastReply,
+    FastRequest,
+    FastRoute,
+    framework_reply,
+    parse_body,
+    path_uuid,
+)
 from services.common.identity import Caller, current_caller
 
 router = APIRouter(prefix="/api/v1", tags=["orders"])
@@ -134,13 +144,47 @@ async def cancel_order(state: State, order_id: OrderIdPath, caller: User) -> Res
 # --- internal API for the payment service (not routed by the gateway) ---------
 
 
-def _internal(row: Any) -> Response:
-    return _json(serialize(orders.internal_order_document(row)))
+def _internal(row: Any) -> FastReply:
+    return FastReply(200, serialize(orders.internal_order_document(row)))
+
+
+async def internal_order(request: FastRequest) -> FastReply:
+    """An order as the payment service sees it (amount, owner, status, hold)."""
+    state: CatalogState = request.state
+    return _internal(
+        await orders.internal_get(inv=state.inventory, order_id=path_uuid(request, "order_id"))
+    )
+
+
+def _payment_step(step: Callable[..., Awaitable[Any]]) -> FastHandler:
+    async def handler(request: FastRequest) -> FastReply:
+        state: CatalogState = request.state
+        order_id = path_uuid(request, "order_id")
+        ref = parse_body(PaymentRef, request.body)
+        return _internal(
+            await step(inv=state.inventory, order_id=order_id, payment_id=ref.payment_id)
+        )
+
+    return handler
+
+
+hold = _payment_step(orders.hold_order)
+paid = _payment_step(orders.mark_order_paid)
+release = _payment_step(orders.release_hold)
+
+INTERNAL = "/internal/v1/orders/{order_id}"
+FAST_ROUTES = [
+    FastRoute("GET", INTERNAL, internal_order),
+    FastRoute("POST", INTERNAL + "/hold", hold),
+    FastRoute("POST", INTERNAL + "/paid", paid),
+    FastRoute("POST", INTERNAL + "/release", release),
+]
+# The FastAPI routes below document these (OpenAPI) and serve them with the lane off.
 
 
 @internal_router.get("/orders/{order_id}", response_model=InternalOrder, responses={404: _404})
-async def internal_get_order(state: State, order_id: OrderIdPath) -> Response:
-    return _internal(await orders.internal_get(inv=state.inventory, order_id=order_id))
+async def internal_get_order(request: Request, order_id: OrderIdPath) -> Response:
+    return await framework_reply(internal_order, request, order_id=order_id)
 
 
 @internal_router.post(
@@ -148,11 +192,8 @@ async def internal_get_order(state: State, order_id: OrderIdPath) -> Response:
     response_model=InternalOrder,
     responses={404: _404, 409: _409_PAY, 422: _422},
 )
-async def hold_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> Response:
-    row = await orders.hold_order(
-        inv=state.inventory, order_id=order_id, payment_id=body.payment_id
-    )
-    return _internal(row)
+async def hold_order(request: Request, order_id: OrderIdPath, body: PaymentRef) -> Response:
+    return await framework_reply(hold, request, order_id=order_id)
 
 
 @internal_router.post(
@@ -160,11 +201,8 @@ async def hold_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> R
     response_model=InternalOrder,
     responses={404: _404, 409: _409_PAY, 422: _422},
 )
-async def paid_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> Response:
-    row = await orders.mark_order_paid(
-        inv=state.inventory, order_id=order_id, payment_id=body.payment_id
-    )
-    return _internal(row)
+async def paid_order(request: Request, order_id: OrderIdPath, body: PaymentRef) -> Response:
+    return await framework_reply(paid, request, order_id=order_id)
 
 
 @internal_router.post(
@@ -172,8 +210,5 @@ async def paid_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> R
     response_model=InternalOrder,
     responses={404: _404, 422: _422},
 )
-async def release_order(state: State, order_id: OrderIdPath, body: PaymentRef) -> Response:
-    row = await orders.release_hold(
-        inv=state.inventory, order_id=order_id, payment_id=body.payment_id
-    )
-    return _internal(row)
+async def release_order(request: Request, order_id: OrderIdPath, body: PaymentRef) -> Response:
+    return await framework_reply(release, request, order_id=order_id)

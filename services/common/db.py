@@ -11,6 +11,17 @@ from asyncpg.pool import PoolConnectionProxy
 from services.common.settings import CommonSettings
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Release without the reset query asyncpg sends by default.
+
+    That query (UNLISTEN, RESET ALL, advisory unlock, CLOSE ALL) is a round trip on
+    every release, as costly as the statement before it. No code here changes
+    session state on a pooled connection (no SET, LISTEN, advisory lock or cursor
+    outside a transaction), and asyncpg still rolls back an open transaction and
+    drops listeners before calling this.
+    """
+
+
 @asynccontextmanager
 async def open_pool(settings: CommonSettings) -> AsyncIterator[asyncpg.Pool]:
     """Open a pool sized per process (each granian worker runs its own lifespan)."""
@@ -21,6 +32,7 @@ async def open_pool(settings: CommonSettings) -> AsyncIterator[asyncpg.Pool]:
         command_timeout=settings.db_command_timeout_s,
         max_inactive_connection_lifetime=60.0,
         timeout=settings.db_command_timeout_s,
+        reset=keep_session,
     )
     try:
         yield pool

@@ -8,6 +8,7 @@ exposed to clients directly (docker-compose publishes only the gateway).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -29,12 +30,17 @@ class Caller:
         return self.role == "admin"
 
 
-async def current_caller(request: Request) -> Caller:
-    """FastAPI dependency: the authenticated caller, else 401."""
-    user_id = request.headers.get(USER_ID_HEADER)
+def caller_from(headers: Mapping[str, str]) -> Caller:
+    """The authenticated caller named by these (lower-case) headers, else 401."""
+    user_id = headers.get(USER_ID_HEADER)
     if not user_id or not _SANE_USER_ID.match(user_id):
         raise Unauthorized("authentication required")
-    return Caller(user_id=user_id, role=request.headers.get(USER_ROLE_HEADER, "user"))
+    return Caller(user_id=user_id, role=headers.get(USER_ROLE_HEADER, "user"))
+
+
+async def current_caller(request: Request) -> Caller:
+    """FastAPI dependency: the authenticated caller, else 401."""
+    return caller_from(request.headers)
 
 
 async def current_admin(request: Request) -> Caller:

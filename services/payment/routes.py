@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any
@@ -15,15 +16,23 @@ from services.common.errors import (
     ValidationProblem,
     problem_bytes,
 )
-from services.common.fastlane import FastReply, FastRequest, FastRoute
-from services.common.identity import Caller, current_caller
+from services.common.fastlane import (
+    FastReply,
+    FastRequest,
+    FastRoute,
+    framework_reply,
+    parse_body,
+)
+from services.common.identity import Caller, caller_from, current_caller
 from services.payment import domain, events, idempotency
 from services.payment.idempotency import REPLAYED_HEADER, KeyClaim, StoredResponse
 from services.payment.schemas import KEY_PATTERN, CallbackEvent, CallbackReply, Payment, PaymentIn
 from services.payment.state import PaymentState
 from services.payment.webhooks import verify_signature
 
-router = APIRouter(prefix="/api/v1/payments", tags=["payments"])
+PAYMENTS_PATH = "/api/v1/payments"
+router = APIRouter(prefix=PAYMENTS_PATH, tags=["payments"])
+_KEY = re.compile(KEY_PATTERN)
 
 _CALLBACK_REPLIES = {
     outcome: b'{"status":"' + outcome.encode() + b'"}'
@@ -58,16 +67,12 @@ def stored_problem(exc: Problem) -> StoredResponse:
     return StoredResponse(exc.status, headers, body)
 
 
-def as_response(stored: StoredResponse, *, replayed: bool = False) -> Response:
+def stored_reply(stored: StoredResponse, *, replayed: bool = False) -> FastReply:
     headers = {k: v for k, v in stored.headers.items() if k != "content-type"}
     if replayed:
         headers[REPLAYED_HEADER] = "true"
-    return Response(
-        stored.body,
-        status_code=stored.status,
-        headers=headers,
-        media_type=stored.headers.get("content-type", "application/json"),
-    )
+    content_type = stored.headers.get("content-type", "application/json")
+    return FastReply(stored.status, stored.body, headers, content_type.encode())
 
 
 @router.post(
@@ -83,32 +88,44 @@ def as_response(stored: StoredResponse, *, replayed: bool = False) -> Response:
 )
 async def create_payment(
     request: Request,
-    state: State,
     caller: CallerDep,
     data: PaymentIn,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Pay an order (the amount comes from the order). Safe to retry with an Idempotency-Key."""
-    if idempotency_key is None:
+    return await framework_reply(create, request)
+
+
+async def create(request: FastRequest) -> FastReply:
+    """The payment creation route itself (the fast lane serves it; see FAST_ROUTES)."""
+    state: PaymentState = request.state
+    caller = caller_from(request.headers)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _KEY.match(key):
+        error = {"loc": ["header", "Idempotency-Key"], "msg": "1..255 printable ASCII characters"}
+        error["type"] = "string_pattern_mismatch"
+        raise ValidationProblem("the request is not valid", extra={"errors": [error]})
+    data = parse_body(PaymentIn, request.body)
+    if key is None:
         body = await domain.create_payment(
             state=state, caller=caller, order_id=data.order_id, claim=None
         )
-        return Response(body, status_code=201, media_type="application/json")
+        return FastReply(201, body)
     begun = await idempotency.begin(
         state.db,
         user_id=caller.user_id,
-        key=idempotency_key,
-        fingerprint=idempotency.fingerprint("POST", request.url.path, data.model_dump(mode="json")),
+        key=key,
+        fingerprint=idempotency.fingerprint("POST", PAYMENTS_PATH, data.model_dump(mode="json")),
         lock_s=state.config.payment_idempotency_lock_s,
     )
     if isinstance(begun, StoredResponse):
-        return as_response(begun, replayed=True)
+        return stored_reply(begun, replayed=True)
     return await _run_claimed(state, caller, data, begun)
 
 
 async def _run_claimed(
     state: PaymentState, caller: Caller, data: PaymentIn, claim: KeyClaim
-) -> Response:
+) -> FastReply:
     try:
         body = await domain.create_payment(
             state=state, caller=caller, order_id=data.order_id, claim=claim
@@ -120,10 +137,10 @@ async def _run_claimed(
             raise
         stored = stored_problem(exc)
         await idempotency.complete(state.db, claim, stored)
-        return as_response(stored)
+        return stored_reply(stored)
     # Any other error leaves the key locked: after the lock timeout a retry resumes the
     # same payment id, which the provider's own idempotency makes safe.
-    return Response(body, status_code=201, media_type="application/json")
+    return FastReply(201, body)
 
 
 @router.get("/{payment_id}", response_model=Payment, responses={404: _PROBLEM})
@@ -140,10 +157,9 @@ async def get_payment(
     response_model=CallbackReply,
     responses={400: {"description": "bad or missing signature", **_PROBLEM}, 422: _PROBLEM},
 )
-async def psp_callback(request: Request, state: State) -> Response:
+async def psp_callback(request: Request) -> Response:
     """Provider webhook, signed with PSP-Signature; a repeated event id is a no-op."""
-    reply = await callback(FastRequest(state, request.headers, await request.body()))
-    return Response(reply.body, status_code=reply.status, media_type="application/json")
+    return await framework_reply(callback, request)
 
 
 async def callback(request: FastRequest) -> FastReply:
@@ -169,4 +185,7 @@ async def callback(request: FastRequest) -> FastReply:
     return FastReply(200, _CALLBACK_REPLIES[outcome])
 
 
-FAST_ROUTES = [FastRoute("POST", "/api/v1/payments/callbacks/psp", callback)]
+FAST_ROUTES = [
+    FastRoute("POST", PAYMENTS_PATH, create),
+    FastRoute("POST", PAYMENTS_PATH + "/callbacks/psp", callback),
+]

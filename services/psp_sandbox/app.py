@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-
 from services.common import settings as common_settings
 from services.common.app import build_app
-from services.psp_sandbox.routes import router
+from services.common.fastlane import ServiceApp
+from services.psp_sandbox.routes import FAST_ROUTES, router
 from services.psp_sandbox.settings import SandboxSettings
 from services.psp_sandbox.state import SandboxState, open_sandbox_state
 
 
-def create_app(settings: SandboxSettings | None = None) -> FastAPI:
+def create_app(settings: SandboxSettings | None = None) -> ServiceApp:
     """Build the sandbox app; its state lives in Redis so several workers agree."""
     resolved = settings or common_settings.load(SandboxSettings)
     assert isinstance(resolved, SandboxSettings)
@@ -32,4 +31,5 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
         "callbacks (at least once, duplicates and out of order on demand) and fault injection.",
         lifespan=lifespan,
         routers=[router],
+        fast_routes=FAST_ROUTES,
     )

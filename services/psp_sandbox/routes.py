@@ -9,6 +9,14 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from services.common.app import JSONResponse
 from services.common.asgi import Receive, Scope, Send
+from services.common.errors import ValidationProblem
+from services.common.fastlane import (
+    FastReply,
+    FastRequest,
+    FastRoute,
+    framework_reply,
+    parse_body,
+)
 from services.psp_sandbox import domain
 from services.psp_sandbox.schemas import Charge, ChargeIn, ChargeList, FaultsIn, FaultsOut, Stats
 from services.psp_sandbox.state import SandboxState
@@ -76,24 +84,41 @@ class TruncatedResponse(Response):
     responses={200: {"model": Charge, "description": "The charge this key already created"}},
 )
 async def create_charge(
-    state: State, data: ChargeIn, idempotency_key: IdempotencyKey = None
+    request: Request, data: ChargeIn, idempotency_key: IdempotencyKey = None
 ) -> Response:
+    return await framework_reply(charge, request)
+
+
+async def charge(request: FastRequest) -> FastReply:
+    """The charge route itself (the fast lane serves it; see FAST_ROUTES)."""
+    state: SandboxState = request.state
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        error = {"loc": ["header", "Idempotency-Key"], "msg": "1..255 characters"}
+        error["type"] = "string_length"
+        raise ValidationProblem("the request is not valid", extra={"errors": [error]})
     outcome = await domain.create_charge(
         store=state.store,
         settings=state.sandbox_settings,
         rng=state.rng,
-        data=data,
-        idempotency_key=idempotency_key,
+        data=parse_body(ChargeIn, request.body),
+        idempotency_key=key,
     )
     if outcome.created:
         state.dispatcher.kick()
     body = outcome.charge.model_dump_json().encode()
     status = 201 if outcome.created else 200
     if outcome.fault == "timeout":
-        return HangingResponse(body, status_code=status, hang_s=state.sandbox_settings.psp_hang_s)
+        hang_s = state.sandbox_settings.psp_hang_s
+        return FastReply(
+            status, body, custom=HangingResponse(body, status_code=status, hang_s=hang_s)
+        )
     if outcome.fault == "reset":
-        return TruncatedResponse(body, status_code=status)
-    return Response(body, status_code=status, media_type="application/json")
+        return FastReply(status, body, custom=TruncatedResponse(body, status_code=status))
+    return FastReply(status, body)
+
+
+FAST_ROUTES = [FastRoute("POST", "/v1/charges", charge)]
 
 
 @router.get("/v1/charges", response_model=ChargeList)

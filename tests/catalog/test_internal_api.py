@@ -173,3 +173,25 @@ async def test_internal_bad_bodies_are_422(orders_app: OrdersApp, body: dict[str
     assert_problem(resp, 422, "validation-error")
     unknown = await call(orders_app, str(uuid.uuid4()), "hold", str(uuid.uuid4()))
     assert_problem(unknown, 404, "not-found")
+
+
+@pytest.mark.parametrize("action", ["hold", "paid", "release", None])
+async def test_internal_bad_order_ids_are_422_naming_the_path(
+    orders_app: OrdersApp, action: str | None
+) -> None:
+    path = "/internal/v1/orders/not-a-uuid" + (f"/{action}" if action else "")
+    if action is None:
+        resp = await orders_app.client.get(path)
+    else:
+        resp = await orders_app.client.post(path, json={"payment_id": str(uuid.uuid4())})
+    doc = assert_problem(resp, 422, "validation-error")
+    assert doc["errors"][0]["loc"] == ["path", "order_id"]
+
+
+async def test_internal_body_errors_name_the_field(orders_app: OrdersApp) -> None:
+    _, order_id, _ = await _reserve(orders_app)
+    resp = await orders_app.client.post(
+        f"/internal/v1/orders/{order_id}/paid", content=b'{"payment_id": "x"}'
+    )
+    doc = assert_problem(resp, 422, "validation-error")
+    assert doc["errors"][0]["loc"] == ["body", "payment_id"]

@@ -11,7 +11,13 @@ from fastapi import APIRouter, Request, Response
 
 from services.common.app import ServiceState, build_app
 from services.common.errors import Conflict
-from services.common.fastlane import FastReply, FastRequest, FastRoute, ServiceApp
+from services.common.fastlane import (
+    FastReply,
+    FastRequest,
+    FastRoute,
+    ServiceApp,
+    framework_reply,
+)
 from services.common.metrics import render_metrics
 from services.common.settings import CommonSettings
 from tests.support.asgi import client_for
@@ -40,10 +46,7 @@ router = APIRouter()
 @router.post("/items/{item}/echo", status_code=201)
 async def echo_route(item: str, request: Request) -> Response:
     SERVED_BY.append("framework")
-    reply = await echo(
-        FastRequest(request.state.app_state, request.headers, await request.body(), {"item": item})
-    )
-    return Response(reply.body, status_code=reply.status, headers=reply.headers)
+    return await framework_reply(echo, request, item=item)
 
 
 async def counting(request: FastRequest) -> FastReply:
