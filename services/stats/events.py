@@ -62,11 +62,6 @@ def encode_event(event: EventIn, ts_us: int) -> str:
     )
 
 
-def encode_batch(events: list[tuple[EventIn, int]]) -> str:
-    """The stream payload of a validated batch of (event, ts in epoch µs)."""
-    return "\n".join(encode_event(event, ts_us) for event, ts_us in events)
-
-
 def decode_line(line: str) -> Event:
     """Parse one event line; CorruptEntry when it is not a valid event."""
     try:

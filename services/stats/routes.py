@@ -14,11 +14,11 @@ from services.stats.schemas import (
     MAX_EVENTS,
     MAX_ID,
     Accepted,
-    EventIn,
     Metric,
     ProductStats,
     TimeRange,
     TopStats,
+    event_json_schema,
 )
 from services.stats.state import StatsState
 
@@ -39,7 +39,7 @@ _EVENTS_BODY = {
                     "type": "array",
                     "minItems": 1,
                     "maxItems": MAX_EVENTS,
-                    "items": EventIn.model_json_schema(),
+                    "items": event_json_schema(),
                 }
             }
         },
