@@ -9,8 +9,8 @@ The user id comes last so it may contain `|`; it never contains a line break
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from services.stats.schemas import EventIn
 
@@ -26,8 +26,9 @@ class CorruptEntry(ValueError):
     """A stream entry that cannot be decoded; retrying cannot help."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One event as the writer reads it (a tuple: decoding thousands a second is cheap)."""
+
     event_id: str  # canonical text form; Postgres parses it (a bad one fails the write)
     code: str  # v, c or p
     product_id: int

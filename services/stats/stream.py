@@ -44,14 +44,16 @@ return redis.call('INCRBY', KEYS[2], n)
 """
 
 # KEYS: stream, backlog counter. ARGV: group, consumer, prefix, fine_keep_s, coarse_keep_s,
-# then per entry: id, its event count, and its ops, one line "metric|pid|second|minute|user"
-# per event to count (second or minute empty when that tier can no longer use the event).
+# now (unix s), then per entry: id, its event count, and either its ops, one line
+# "metric|pid|second|minute|user" per event to count (second or minute empty when that
+# tier can no longer use the event), or "*": count every event of the entry, read from
+# the stream itself (the common case; its lines are "1|id|metric|pid|ts_us|user").
 _ACK_AND_COUNT = """
 local stream = KEYS[1]
 local group, consumer, prefix = ARGV[1], ARGV[2], ARGV[3]
-local fine_keep, coarse_keep = tonumber(ARGV[4]), tonumber(ARGV[5])
+local fine_keep, coarse_keep, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local counts, users, expiry, ids = {}, {}, {}, {}
-local done, counted, foreign = 0, 0, 0
+local done, counted, foreign, too_old = 0, 0, 0, 0
 
 local function add(zkey, hkey, pid, user, expire_at)
     local c = counts[zkey]
@@ -80,18 +82,54 @@ local function count(op)
     end
 end
 
-for i = 6, #ARGV, 3 do
+-- An event line of the stream: the same buckets as services.stats.buckets.Tiers picks.
+local function count_event(line)
+    local a = string.find(line, '|', 1, true)
+    local b = string.find(line, '|', a + 1, true)
+    local c = string.find(line, '|', b + 1, true)
+    local d = string.find(line, '|', c + 1, true)
+    local e = string.find(line, '|', d + 1, true)
+    local metric, pid = string.sub(line, b + 1, c - 1), string.sub(line, c + 1, d - 1)
+    local ts = tonumber(string.sub(line, d + 1, e - 1))
+    local user = string.sub(line, e + 1)
+    local sec, minute = math.floor(ts / 1000000), math.floor(ts / 60000000)
+    local fine, coarse = sec + fine_keep > now, (minute + 1) * 60 + coarse_keep > now
+    if fine then
+        local s = string.format('%d', sec)
+        add(prefix .. ':f:' .. s .. ':' .. metric, prefix .. ':fu:' .. s .. ':' .. pid,
+            pid, user, sec + fine_keep + 1)
+    end
+    if coarse then
+        local m = string.format('%d', minute)
+        add(prefix .. ':m:' .. m .. ':' .. metric, prefix .. ':mu:' .. m .. ':' .. pid,
+            pid, user, (minute + 1) * 60 + coarse_keep)
+    end
+    if not fine and not coarse then too_old = too_old + 1 end
+end
+
+local function each_line(text, fn)
+    local start = 1
+    while start <= #text do
+        local stop = string.find(text, '\\n', start, true) or (#text + 1)
+        fn(string.sub(text, start, stop - 1))
+        counted = counted + 1
+        start = stop + 1
+    end
+end
+
+for i = 7, #ARGV, 3 do
     local id, size, ops = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
     local p = redis.call('XPENDING', stream, group, id, id, 1)[1]
     if p and p[2] == consumer then
         ids[#ids + 1] = id
         done = done + size
-        local start = 1
-        while start <= #ops do
-            local stop = string.find(ops, '\\n', start, true) or (#ops + 1)
-            count(string.sub(ops, start, stop - 1))
-            counted = counted + 1
-            start = stop + 1
+        if ops == '*' then
+            local fields = redis.call('XRANGE', stream, id, id)[1][2]
+            for j = 1, #fields, 2 do
+                if fields[j] == 'e' then each_line(fields[j + 1], count_event) end
+            end
+        else
+            each_line(ops, count)
         end
     elseif p then
         foreign = foreign + 1
@@ -117,7 +155,7 @@ end
 for key, at in pairs(expiry) do
     redis.call('EXPIREAT', key, at)
 end
-return {#ids, counted, foreign}
+return {#ids, counted - too_old, foreign, too_old}
 """
 
 # KEYS: stream, dead-letter stream, backlog counter, lag.
@@ -252,6 +290,10 @@ class AckResult:
     acked: int
     counted: int
     foreign: int
+    too_old: int  # events of "*" entries too old for any window (stored, not counted)
+
+
+ALL_EVENTS = "*"  # ack_and_count: count every event of the entry (no ops sent)
 
 
 @dataclass(frozen=True)
@@ -363,14 +405,15 @@ class EventStream:
         prefix: str,
         fine_keep_s: int,
         coarse_keep_s: int,
+        now_s: int,
         specs: list[str | int],
     ) -> AckResult:
         """Ack the entries this consumer owns and count their events (see _ACK_AND_COUNT)."""
         reply = await self._ack_and_count(
             keys=[self.stream, self.backlog],
-            args=[self.group, consumer, prefix, fine_keep_s, coarse_keep_s, *specs],
+            args=[self.group, consumer, prefix, fine_keep_s, coarse_keep_s, now_s, *specs],
         )
-        return AckResult(int(reply[0]), int(reply[1]), int(reply[2]))
+        return AckResult(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def dead_letter(self, letters: list[DeadLetter], *, consumer: str) -> None:
         """Append failed events (or corrupt entries) to the dead-letter stream."""
