@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from services.common.db import Connection
@@ -17,7 +18,8 @@ STAGING_COLUMNS = (
     "stream_id",
 )
 
-# (event_id, type, product_id, user_id, ts in epoch µs, received_at, stream_id)
+# (event_id, type, product_id, user_id, ts in epoch µs, received_at, stream_id):
+# services.stats.events.Event is one.
 StagedEvent = tuple[str, str, int, str, int, datetime, str]
 
 
@@ -33,7 +35,7 @@ async def create_staging(conn: Connection) -> None:
     )
 
 
-async def stage(conn: Connection, rows: list[StagedEvent]) -> None:
+async def stage(conn: Connection, rows: Sequence[StagedEvent]) -> None:
     """Binary COPY of a batch into the staging table (inside the caller's transaction)."""
     await conn.copy_records_to_table(STAGING_TABLE, records=rows, columns=STAGING_COLUMNS)
 

@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
 from typing import TypeVar
 
 import asyncpg
@@ -34,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.stats import metrics, storage
 from services.stats.buckets import Tiers
-from services.stats.events import EPOCH, TYPES_BY_CODE, CorruptEntry, Event, decode_batch
+from services.stats.events import CorruptEntry, Event, decode_batch
 from services.stats.settings import StatsSettings
 from services.stats.stream import ALL_EVENTS, DeadLetter, Entry, EventStream
 
@@ -81,15 +80,6 @@ class PermanentFailure(Exception):
 
 class Abandoned(Exception):
     """A write was given up because the writer is stopping; its entries stay pending."""
-
-
-def _rows(entry: Entry, events: list[Event]) -> list[storage.StagedEvent]:
-    received_at = EPOCH + timedelta(milliseconds=entry.received_ms)
-    entry_id, types = entry.id, TYPES_BY_CODE
-    return [
-        (e.event_id, types[e.code], e.product_id, e.user_id, e.ts_us, received_at, entry_id)
-        for e in events
-    ]
 
 
 class BatchWriter:
@@ -164,7 +154,10 @@ class BatchWriter:
         corrupt: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                batch.append((entry, decode_batch(entry.payload)))
+                events = decode_batch(
+                    entry.payload, stream_id=entry.id, received_ms=entry.received_ms
+                )
+                batch.append((entry, events))
             except CorruptEntry as exc:
                 corrupt.append((entry, str(exc)))
         try:
@@ -219,7 +212,7 @@ class BatchWriter:
         started = time.perf_counter()
         if self.settings.stats_fault_write_delay_s:
             await asyncio.sleep(self.settings.stats_fault_write_delay_s)
-        rows = [row for entry, events in batch for row in _rows(entry, events)]
+        rows = [event for _, events in batch for event in events]
         inserted, counted = await self._store(rows)
         await self._ack_and_count(batch, counted)
         metrics.EVENTS_STORED.labels("inserted").inc(inserted)
@@ -227,9 +220,7 @@ class BatchWriter:
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
 
-    async def _store(
-        self, rows: list[storage.StagedEvent]
-    ) -> tuple[int, set[tuple[str, str]] | None]:
+    async def _store(self, rows: list[Event]) -> tuple[int, set[tuple[str, str]] | None]:
         """One transaction: COPY to staging, insert once per event_id, commit.
 
         Returns how many rows were new and the (event_id, entry id) pairs whose
@@ -320,7 +311,7 @@ class BatchWriter:
     async def _isolate(self, entry: Entry, events: list[Event]) -> list[tuple[Event, str]]:
         """Store the events that can be stored; return those that fail on their own."""
         try:
-            await self._retrying(lambda: self._store(_rows(entry, events)))
+            await self._retrying(lambda: self._store(events))
         except PermanentFailure as failure:
             if len(events) == 1:
                 return [(events[0], str(failure))]
