@@ -52,68 +52,62 @@ _ACK_AND_COUNT = """
 local stream = KEYS[1]
 local group, consumer, prefix = ARGV[1], ARGV[2], ARGV[3]
 local fine_keep, coarse_keep, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local counts, users, expiry, ids = {}, {}, {}, {}
+local find, sub, floor = string.find, string.sub, math.floor
+local fine, coarse, ids = {}, {}, {}
 local done, counted, foreign, too_old = 0, 0, 0, 0
 
-local function add(zkey, hkey, pid, user, expire_at)
-    local c = counts[zkey]
-    if not c then c = {}; counts[zkey] = c; expiry[zkey] = expire_at end
+-- Counts are gathered per bucket first (tier[bucket].c[metric][pid] = n, .u[pid] = users),
+-- so each key's name is built once per call, not once per event.
+local function add(tier, bucket, metric, pid, user)
+    local t = tier[bucket]
+    if not t then t = {c = {}, u = {}}; tier[bucket] = t end
+    local c = t.c[metric]
+    if not c then c = {}; t.c[metric] = c end
     c[pid] = (c[pid] or 0) + 1
-    local u = users[hkey]
-    if not u then u = {}; users[hkey] = u; expiry[hkey] = expire_at end
+    local u = t.u[pid]
+    if not u then u = {}; t.u[pid] = u end
     u[#u + 1] = user
 end
 
-local function count(op)
-    local a = string.find(op, '|', 1, true)
-    local b = string.find(op, '|', a + 1, true)
-    local c = string.find(op, '|', b + 1, true)
-    local d = string.find(op, '|', c + 1, true)
-    local metric, pid = string.sub(op, 1, a - 1), string.sub(op, a + 1, b - 1)
-    local sec, minute = string.sub(op, b + 1, c - 1), string.sub(op, c + 1, d - 1)
-    local user = string.sub(op, d + 1)
-    if sec ~= '' then
-        add(prefix .. ':f:' .. sec .. ':' .. metric, prefix .. ':fu:' .. sec .. ':' .. pid,
-            pid, user, tonumber(sec) + fine_keep + 1)
-    end
-    if minute ~= '' then
-        add(prefix .. ':m:' .. minute .. ':' .. metric, prefix .. ':mu:' .. minute .. ':' .. pid,
-            pid, user, (tonumber(minute) + 1) * 60 + coarse_keep)
-    end
-end
-
--- An event line of the stream: the same buckets as services.stats.buckets.Tiers picks.
-local function count_event(line)
-    local a = string.find(line, '|', 1, true)
-    local b = string.find(line, '|', a + 1, true)
-    local c = string.find(line, '|', b + 1, true)
-    local d = string.find(line, '|', c + 1, true)
-    local e = string.find(line, '|', d + 1, true)
-    local metric, pid = string.sub(line, b + 1, c - 1), string.sub(line, c + 1, d - 1)
-    local ts = tonumber(string.sub(line, d + 1, e - 1))
-    local user = string.sub(line, e + 1)
-    local sec, minute = math.floor(ts / 1000000), math.floor(ts / 60000000)
-    local fine, coarse = sec + fine_keep > now, (minute + 1) * 60 + coarse_keep > now
-    if fine then
-        local s = string.format('%d', sec)
-        add(prefix .. ':f:' .. s .. ':' .. metric, prefix .. ':fu:' .. s .. ':' .. pid,
-            pid, user, sec + fine_keep + 1)
-    end
-    if coarse then
-        local m = string.format('%d', minute)
-        add(prefix .. ':m:' .. m .. ':' .. metric, prefix .. ':mu:' .. m .. ':' .. pid,
-            pid, user, (minute + 1) * 60 + coarse_keep)
-    end
-    if not fine and not coarse then too_old = too_old + 1 end
-end
-
-local function each_line(text, fn)
-    local start = 1
-    while start <= #text do
-        local stop = string.find(text, '\\n', start, true) or (#text + 1)
-        fn(string.sub(text, start, stop - 1))
+-- Op lines "metric|pid|second|minute|user", one per event to count.
+local function count_ops(text)
+    local pos, n = 1, #text
+    while pos <= n do
+        local a = find(text, '|', pos, true)
+        local b = find(text, '|', a + 1, true)
+        local c = find(text, '|', b + 1, true)
+        local d = find(text, '|', c + 1, true)
+        local stop = find(text, '\\n', d + 1, true) or (n + 1)
+        local metric, pid = sub(text, pos, a - 1), sub(text, a + 1, b - 1)
+        local sec, minute = sub(text, b + 1, c - 1), sub(text, c + 1, d - 1)
+        local user = sub(text, d + 1, stop - 1)
+        if sec ~= '' then add(fine, tonumber(sec), metric, pid, user) end
+        if minute ~= '' then add(coarse, tonumber(minute), metric, pid, user) end
         counted = counted + 1
-        start = stop + 1
+        pos = stop + 1
+    end
+end
+
+-- An entry's own lines "1|id|metric|pid|ts_us|user": every event counts, in the buckets
+-- services.stats.buckets.Tiers picks (none when it is too old for every window).
+local function count_all(text)
+    local pos, n = 1, #text
+    while pos <= n do
+        local a = find(text, '|', pos, true)
+        local b = find(text, '|', a + 1, true)
+        local c = find(text, '|', b + 1, true)
+        local d = find(text, '|', c + 1, true)
+        local e = find(text, '|', d + 1, true)
+        local stop = find(text, '\\n', e + 1, true) or (n + 1)
+        local metric, pid = sub(text, b + 1, c - 1), sub(text, c + 1, d - 1)
+        local ts = tonumber(sub(text, d + 1, e - 1))
+        local user = sub(text, e + 1, stop - 1)
+        local sec, minute = floor(ts / 1000000), floor(ts / 60000000)
+        local is_fine, is_coarse = sec + fine_keep > now, (minute + 1) * 60 + coarse_keep > now
+        if is_fine then add(fine, sec, metric, pid, user) end
+        if is_coarse then add(coarse, minute, metric, pid, user) end
+        if is_fine or is_coarse then counted = counted + 1 else too_old = too_old + 1 end
+        pos = stop + 1
     end
 end
 
@@ -126,10 +120,10 @@ for i = 7, #ARGV, 3 do
         if ops == '*' then
             local fields = redis.call('XRANGE', stream, id, id)[1][2]
             for j = 1, #fields, 2 do
-                if fields[j] == 'e' then each_line(fields[j + 1], count_event) end
+                if fields[j] == 'e' then count_all(fields[j + 1]) end
             end
         else
-            each_line(ops, count)
+            count_ops(ops)
         end
     elseif p then
         foreign = foreign + 1
@@ -142,20 +136,30 @@ end
 if done > 0 and redis.call('DECRBY', KEYS[2], done) < 0 then
     redis.call('SET', KEYS[2], 0)
 end
-for zkey, c in pairs(counts) do
-    for pid, n in pairs(c) do
-        redis.call('ZINCRBY', zkey, n, pid)
+
+local function flush(tier, code, ucode, expire_at)
+    for bucket, t in pairs(tier) do
+        local b = string.format('%d', bucket)
+        local at = expire_at(bucket)
+        for metric, c in pairs(t.c) do
+            local zkey = prefix .. ':' .. code .. ':' .. b .. ':' .. metric
+            for pid, n in pairs(c) do
+                redis.call('ZINCRBY', zkey, n, pid)
+            end
+            redis.call('EXPIREAT', zkey, at)
+        end
+        for pid, u in pairs(t.u) do
+            local hkey = prefix .. ':' .. ucode .. ':' .. b .. ':' .. pid
+            for first = 1, #u, 500 do
+                redis.call('PFADD', hkey, unpack(u, first, math.min(first + 499, #u)))
+            end
+            redis.call('EXPIREAT', hkey, at)
+        end
     end
 end
-for hkey, u in pairs(users) do
-    for first = 1, #u, 500 do
-        redis.call('PFADD', hkey, unpack(u, first, math.min(first + 499, #u)))
-    end
-end
-for key, at in pairs(expiry) do
-    redis.call('EXPIREAT', key, at)
-end
-return {#ids, counted - too_old, foreign, too_old}
+flush(fine, 'f', 'fu', function(s) return s + fine_keep + 1 end)
+flush(coarse, 'm', 'mu', function(m) return (m + 1) * 60 + coarse_keep end)
+return {#ids, counted, foreign, too_old}
 """
 
 # KEYS: stream, dead-letter stream, backlog counter, lag.
