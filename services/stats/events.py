@@ -37,7 +37,7 @@ class Event(NamedTuple):
     product_id: int
     user_id: str
     ts_us: int  # event time, epoch microseconds
-    received_at: datetime  # when its entry was accepted (the entry id's time)
+    received_ms: int  # when its entry was accepted (the entry id's time), epoch ms
     stream_id: str  # its entry
 
     @property
@@ -83,7 +83,6 @@ def decode_batch(payload: bytes | None, *, stream_id: str, received_ms: int) -> 
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise CorruptEntry("entry is not UTF-8") from None
-    received_at = EPOCH + timedelta(milliseconds=received_ms)
     types, make = TYPES_BY_CODE, Event._make
     events = []
     for line in text.split("\n"):
@@ -96,7 +95,7 @@ def decode_batch(payload: bytes | None, *, stream_id: str, received_ms: int) -> 
                     int(product_id),
                     user_id,
                     int(ts_us),
-                    received_at,
+                    received_ms,
                     stream_id,
                 )
             )
