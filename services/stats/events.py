@@ -83,12 +83,13 @@ def decode_batch(payload: bytes | None, *, stream_id: str, received_ms: int) -> 
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise CorruptEntry("entry is not UTF-8") from None
-    types, make = TYPES_BY_CODE, Event._make
+    types, new = TYPES_BY_CODE, tuple.__new__  # Event(...) without its Python-level __new__
     events = []
     for line in text.split("\n"):
         try:
             version, event_id, code, product_id, ts_us, user_id = line.split("|", 5)
-            event = make(
+            event = new(
+                Event,
                 (
                     event_id,
                     types[code],
@@ -97,7 +98,7 @@ def decode_batch(payload: bytes | None, *, stream_id: str, received_ms: int) -> 
                     int(ts_us),
                     received_ms,
                     stream_id,
-                )
+                ),
             )
         except (ValueError, KeyError):
             raise CorruptEntry("undecodable event line, or unknown event type") from None

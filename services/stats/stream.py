@@ -5,7 +5,8 @@ by one consumer group. A counter beside the stream holds the number of events
 accepted and not yet acknowledged: the backlog. The scripts below make the steps
 that must not be split atomic:
 - ADMIT: refuse the whole batch when the backlog would pass its budget, else append
-  it and grow the backlog (one round trip). Nothing is ever trimmed unread.
+  it and grow the backlog. Batches arriving together share one run (one round trip),
+  each judged as if alone. Nothing is ever trimmed unread.
 - ACK_AND_COUNT: for each entry this consumer still owns, XACK it, shrink the
   backlog and add the events it inserted to the aggregates, in one step; an entry
   claimed meanwhile by another consumer is left to that one. So an event is counted
@@ -17,30 +18,42 @@ that must not be split atomic:
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from services.stats.events import COUNT_FIELD, PAYLOAD_FIELD
 from services.stats.settings import StatsSettings
 
 # KEYS: stream, backlog counter, lag. ARGV: budget (events), lag budget (ms, 0: none),
-# event count, payload. Returns the new backlog, -1 over the event budget, -2 over the lag.
+# then per batch: its event count and its payload. Returns per batch, judged in order as
+# if each came alone: the backlog after it, -1 over the event budget, -2 over the lag.
 _ADMIT = """
-local n = tonumber(ARGV[3])
-if tonumber(redis.call('GET', KEYS[2]) or '0') + n > tonumber(ARGV[1]) then
-    return -1
+local budget, max_lag = tonumber(ARGV[1]), tonumber(ARGV[2])
+local backlog = tonumber(redis.call('GET', KEYS[2]) or '0')
+local lagging = max_lag > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') > max_lag
+local results, added = {}, 0
+for i = 3, #ARGV, 2 do
+    local n = tonumber(ARGV[i])
+    if backlog + n > budget then
+        results[#results + 1] = -1
+    elseif lagging then
+        results[#results + 1] = -2
+    else
+        redis.call('XADD', KEYS[1], '*', 'n', ARGV[i], 'e', ARGV[i + 1])
+        backlog = backlog + n
+        added = added + n
+        results[#results + 1] = backlog
+    end
 end
-local max_lag = tonumber(ARGV[2])
-if max_lag > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') > max_lag then
-    return -2
-end
-redis.call('XADD', KEYS[1], '*', 'n', ARGV[3], 'e', ARGV[4])
-return redis.call('INCRBY', KEYS[2], n)
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+return results
 """
 
 # KEYS: stream, backlog counter. ARGV: group, consumer, prefix, fine_keep_s, coarse_keep_s,
@@ -250,6 +263,10 @@ return 1
 """
 
 
+_ADMIT_GROUP_MAX = 32  # batches appended in one round trip, at most
+_ADMIT_CHARS_MAX = 2_000_000  # ...and their payloads' size
+
+
 class Refusal(StrEnum):
     BACKLOG = "the event backlog is over its budget"
     LAG = "the writers are too far behind"
@@ -351,21 +368,60 @@ class EventStream:
         self.dead_letters = settings.stats_dead_letter_stream
         self.max_backlog = settings.stats_max_backlog
         self._admit = redis.register_script(_ADMIT)
+        self._waiting: deque[tuple[str, int, asyncio.Future[int]]] = deque()
+        self._appender: asyncio.Task[None] | None = None
         self._ack_and_count = redis.register_script(_ACK_AND_COUNT)
         self._maintain = redis.register_script(_MAINTAIN)
         self._leave = redis.register_script(_LEAVE)
 
     async def admit(self, payload: str, count: int) -> Refusal | None:
-        """Append one accepted batch, or say why not (the backlog is over a budget)."""
-        result = int(
-            await self._admit(
-                keys=[self.stream, self.backlog, self.lag],
-                args=[self.max_backlog, self.max_lag_ms, count, payload],
-            )
-        )
+        """Append one accepted batch, or say why not (the backlog is over a budget).
+
+        Batches that arrive while an append is on its way wait for it, then go together
+        in the next one: one round trip (and one script run) for all of them, each
+        judged as if it came alone. Under no load a batch goes at once, alone.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append((payload, count, future))
+        if self._appender is None:
+            self._appender = asyncio.create_task(self._append_waiting())
+        result = await future
         if result >= 0:
             return None
         return Refusal.BACKLOG if result == -1 else Refusal.LAG
+
+    async def _append_waiting(self) -> None:
+        """Send the waiting batches, a bounded group per round trip, until none wait."""
+        try:
+            while self._waiting:
+                group: list[tuple[str, int, asyncio.Future[int]]] = []
+                chars = 0
+                while self._waiting and len(group) < _ADMIT_GROUP_MAX and chars < _ADMIT_CHARS_MAX:
+                    payload, count, future = self._waiting.popleft()
+                    if not future.done():  # its request was cancelled: append nothing of it
+                        group.append((payload, count, future))
+                        chars += len(payload)
+                if group:
+                    await self._append_group(group)
+        finally:
+            self._appender = None
+
+    async def _append_group(self, group: list[tuple[str, int, asyncio.Future[int]]]) -> None:
+        args: list[str | int] = [self.max_backlog, self.max_lag_ms]
+        for payload, count, _ in group:
+            args += [count, payload]
+        try:
+            results = await self._admit(keys=[self.stream, self.backlog, self.lag], args=args)
+        except BaseException as exc:
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RedisError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(group, results, strict=True):
+            if not future.done():
+                future.set_result(int(result))
 
     async def ensure_group(self) -> None:
         """Create the consumer group (from the stream's start, so nothing is skipped)."""
