@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
+import msgspec
 from redis.exceptions import RedisError
 
 from services.common.errors import Overloaded, UpstreamUnavailable, ValidationProblem
 from services.stats import metrics
 from services.stats.aggregates import Aggregates, ProductCounts
 from services.stats.buckets import Cover, Tiers
-from services.stats.events import encode_batch, epoch_us
-from services.stats.schemas import EVENT_BATCH, EventIn, TimeRange
+from services.stats.events import encode_event, epoch_us
+from services.stats.schemas import (
+    EVENT_BATCH,
+    ONE_EVENT,
+    RAW_BATCH,
+    USER_ID_PATTERN,
+    UUID_PATTERN,
+    EventIn,
+    TimeRange,
+)
 from services.stats.stream import EventStream
 
 log = logging.getLogger("shopstack.stats")
@@ -64,13 +74,9 @@ def _duplicate_keys(body: bytes) -> list[dict[str, Any]]:
     ]
 
 
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    found = []
-    for err in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = list(err["loc"])
-        index = loc.pop(0) if loc and isinstance(loc[0], int) else None
-        found.append({"index": index, "loc": loc, "msg": err["msg"], "type": err["type"]})
-    return found
+_UUID = re.compile(UUID_PATTERN.removeprefix("^").removesuffix("$"))
+_USER_ID = re.compile(USER_ID_PATTERN.removeprefix("^").removesuffix("$"))
+_NOT_JSON = (msgspec.DecodeError, ValueError, RecursionError)  # bad UTF-8 is a ValueError
 
 
 def _cannot_repeat_keys(body: bytes, events: int) -> bool:
@@ -84,54 +90,115 @@ def _cannot_repeat_keys(body: bytes, events: int) -> bool:
     return b"\\" not in body and body.count(b'"') == 18 * events
 
 
-def _range_errors(stamped: list[tuple[EventIn, int]], ts_range: TimeRange) -> list[dict[str, Any]]:
-    found = []
-    for index, (_, ts_us) in enumerate(stamped):
-        problem = ts_range.problem(ts_us)
-        if problem:
-            found.append({"index": index, "loc": ["ts"], "msg": problem, "type": "ts_range"})
-    return found
+def _no_control_characters(body: bytes) -> bool:
+    """True when no string of the body can hold a control character.
+
+    JSON strings cannot hold a raw character below 0x20, only an escaped one (with a
+    backslash); DEL (0x7f) may appear raw. A body with neither holds none.
+    """
+    return b"\\" not in body and b"\x7f" not in body
 
 
-def _raw_range_errors(body: bytes, ts_range: TimeRange) -> list[dict[str, Any]]:
-    """ts range errors of an otherwise invalid batch, so every failing index is named."""
+def _event_problem(event: EventIn, ts_us: int, ts_range: TimeRange) -> dict[str, Any] | None:
+    """The first rule (beyond what the decoder checks) an event breaks, or None."""
+    if _UUID.fullmatch(event.event_id) is None:
+        return {
+            "loc": ["event_id"],
+            "msg": "event_id is not a UUID (8-4-4-4-12 hex digits)",
+            "type": "string_pattern_mismatch",
+        }
+    if _USER_ID.fullmatch(event.user_id) is None:
+        return {
+            "loc": ["user_id"],
+            "msg": "user_id must not contain control characters",
+            "type": "string_pattern_mismatch",
+        }
+    problem = ts_range.problem(ts_us)
+    if problem:
+        return {"loc": ["ts"], "msg": problem, "type": "ts_range"}
+    return None
+
+
+def _decode_error(exc: msgspec.ValidationError) -> dict[str, Any]:
+    """loc, msg and type of msgspec's error about one event (it names the first only)."""
+    text = str(exc)
+    msg, _, where = text.partition(" - at `")
+    loc: list[str | int] = [part for part in where.rstrip("`").split(".")[1:] if part]
+    if msg.startswith("Object missing required field `"):
+        loc, kind = [msg.split("`")[1]], "missing"
+    elif msg.startswith("Object contains unknown field `"):
+        loc, kind = [msg.split("`")[1]], "extra_forbidden"
+    elif msg.startswith("Invalid enum value"):
+        kind = "literal_error"
+    elif msg.startswith("Invalid RFC3339"):
+        kind = "datetime_parsing"
+    elif msg.startswith("Expected `") and ", got `" in msg:
+        expected = msg.split("`")[1]
+        kind = {"str": "string", "object": "model"}.get(expected, expected) + "_type"
+    else:
+        kind = "value_error"  # a range, a length, a time zone
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+def _errors(body: bytes, ts_range: TimeRange) -> list[dict[str, Any]]:
+    """Every failing index of a refused batch (one error per event), or the body's error."""
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return []
-    if not isinstance(doc, list):
-        return []
-    found = []
-    for index, item in enumerate(doc):
-        raw = item.get("ts") if isinstance(item, dict) else None
-        try:
-            ts = datetime.fromisoformat(raw) if isinstance(raw, str) else None
-        except ValueError:
+        raws = RAW_BATCH.decode(body)
+    except msgspec.ValidationError as exc:
+        return [{"index": None, "loc": [], "msg": str(exc), "type": "batch_shape"}]
+    except _NOT_JSON:
+        return [
+            {"index": None, "loc": [], "msg": "the body is not valid JSON", "type": "json_invalid"}
+        ]
+    errors = _duplicate_keys(body)
+    named = {e["index"] for e in errors}
+    for index, raw in enumerate(raws):
+        if index in named:
             continue
-        aware = ts is not None and ts.tzinfo is not None
-        problem = ts_range.problem(epoch_us(ts)) if ts is not None and aware else None
-        if problem:
-            found.append({"index": index, "loc": ["ts"], "msg": problem, "type": "ts_range"})
-    return found
+        try:
+            event = ONE_EVENT.decode(raw)
+        except msgspec.ValidationError as exc:
+            errors.append({"index": index, **_decode_error(exc)})
+            continue
+        except _NOT_JSON:  # e.g. a string that is not UTF-8
+            errors.append(
+                {"index": index, "loc": [], "msg": "not valid JSON", "type": "json_invalid"}
+            )
+            continue
+        problem = _event_problem(event, epoch_us(event.ts), ts_range)
+        if problem is not None:
+            errors.append({"index": index, **problem})
+    return errors
 
 
-def parse_batch(body: bytes, *, ts_range: TimeRange) -> list[tuple[EventIn, int]]:
+def parse_batch(body: bytes, *, ts_range: TimeRange) -> tuple[str, int]:
     """Validate a whole batch; ValidationProblem naming every failing index otherwise.
 
-    Returns each event with its time in epoch microseconds.
+    Returns the batch's stream payload (services.stats.events) and its event count.
     """
     try:
-        events = EVENT_BATCH.validate_json(body)
-    except ValidationError as exc:
-        errors = _duplicate_keys(body) + _errors(exc)
-        known = {(e["index"], "ts") for e in errors if e["loc"] == ["ts"]}
-        errors += [e for e in _raw_range_errors(body, ts_range) if (e["index"], "ts") not in known]
+        events = EVENT_BATCH.decode(body)
+    except _NOT_JSON:
+        errors = _errors(body, ts_range)
     else:
-        stamped = [(event, epoch_us(event.ts)) for event in events]
         errors = [] if _cannot_repeat_keys(body, len(events)) else _duplicate_keys(body)
-        errors += _range_errors(stamped, ts_range)
+        check_user = not _no_control_characters(body)
+        latest, earliest = ts_range.latest_us, ts_range.earliest_us
+        lines = []
+        for event in events:
+            ts = event.ts
+            ts_us = math.floor(ts.timestamp()) * 1_000_000 + ts.microsecond  # epoch_us, inlined
+            if (
+                _UUID.fullmatch(event.event_id) is None
+                or (check_user and _USER_ID.fullmatch(event.user_id) is None)
+                or ts_us > latest
+                or ts_us < earliest
+            ):
+                errors = _errors(body, ts_range)
+                break
+            lines.append(encode_event(event, ts_us))
         if not errors:
-            return stamped
+            return "\n".join(lines), len(lines)
     errors.sort(key=lambda e: -1 if e["index"] is None else e["index"])
     indexes = sorted({e["index"] for e in errors if e["index"] is not None})
     if indexes:
@@ -149,12 +216,12 @@ async def ingest(
 ) -> int:
     """Validate a batch and append it whole to the stream; return how many were accepted."""
     try:
-        events = parse_batch(body, ts_range=ts_range)
+        payload, count = parse_batch(body, ts_range=ts_range)
     except ValidationProblem:
         metrics.BATCHES_REFUSED.labels("invalid").inc()
         raise
     try:
-        refusal = await stream.admit(encode_batch(events), len(events))
+        refusal = await stream.admit(payload, count)
     except RedisError as exc:
         metrics.BATCHES_REFUSED.labels("unavailable").inc()
         log.warning("event stream unavailable", extra={"error": repr(exc)})
@@ -166,8 +233,8 @@ async def ingest(
         raise Overloaded(
             f"{refusal.value}; nothing was accepted, retry later", retry_after_s=retry_after_s
         )
-    metrics.EVENTS_ACCEPTED.inc(len(events))
-    return len(events)
+    metrics.EVENTS_ACCEPTED.inc(count)
+    return count
 
 
 @dataclass(frozen=True)

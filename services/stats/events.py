@@ -9,8 +9,8 @@ The user id comes last so it may contain `|`; it never contains a line break
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from services.stats.schemas import EventIn
 
@@ -26,22 +26,35 @@ class CorruptEntry(ValueError):
     """A stream entry that cannot be decoded; retrying cannot help."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One event as the writer reads it: also, field for field, its staging-table row.
+
+    A tuple, so the thousands decoded a second cost little and go to COPY as they are.
+    """
+
     event_id: str  # canonical text form; Postgres parses it (a bad one fails the write)
-    code: str  # v, c or p
+    type: str  # view, cart or purchase
     product_id: int
     user_id: str
-    ts_us: int
-    line: str  # the encoded form, kept for the dead-letter stream
+    ts_us: int  # event time, epoch microseconds
+    received_ms: int  # when its entry was accepted (the entry id's time), epoch ms
+    stream_id: str  # its entry
 
     @property
-    def type(self) -> str:
-        return TYPES_BY_CODE[self.code]
+    def code(self) -> str:
+        return TYPE_CODES[self.type]
 
     @property
     def ts(self) -> datetime:
         return EPOCH + timedelta(microseconds=self.ts_us)
+
+    @property
+    def line(self) -> str:
+        """Its line in the stream (kept for the dead-letter stream)."""
+        return (
+            f"{FORMAT_VERSION}|{self.event_id}|{self.code}|{self.product_id}|{self.ts_us}|"
+            f"{self.user_id}"
+        )
 
 
 def epoch_us(moment: datetime) -> int:
@@ -62,26 +75,7 @@ def encode_event(event: EventIn, ts_us: int) -> str:
     )
 
 
-def encode_batch(events: list[tuple[EventIn, int]]) -> str:
-    """The stream payload of a validated batch of (event, ts in epoch µs)."""
-    return "\n".join(encode_event(event, ts_us) for event, ts_us in events)
-
-
-def decode_line(line: str) -> Event:
-    """Parse one event line; CorruptEntry when it is not a valid event."""
-    try:
-        version, event_id, code, product_id, ts_us, user_id = line.split("|", 5)
-        event = Event(event_id, code, int(product_id), user_id, int(ts_us), line)
-    except ValueError:
-        raise CorruptEntry("undecodable event line") from None
-    if version != FORMAT_VERSION or code not in TYPES_BY_CODE:
-        raise CorruptEntry("unknown event format or type")
-    if event.product_id < 1 or not user_id or len(event_id) != 36:
-        raise CorruptEntry("event breaks the event rules")
-    return event
-
-
-def decode_batch(payload: bytes | None) -> list[Event]:
+def decode_batch(payload: bytes | None, *, stream_id: str, received_ms: int) -> list[Event]:
     """Every event of an entry's payload; CorruptEntry when any is not valid."""
     if not payload:
         raise CorruptEntry("entry has no events")
@@ -89,4 +83,28 @@ def decode_batch(payload: bytes | None) -> list[Event]:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise CorruptEntry("entry is not UTF-8") from None
-    return [decode_line(line) for line in text.split("\n")]
+    types, new = TYPES_BY_CODE, tuple.__new__  # Event(...) without its Python-level __new__
+    events = []
+    for line in text.split("\n"):
+        try:
+            version, event_id, code, product_id, ts_us, user_id = line.split("|", 5)
+            event = new(
+                Event,
+                (
+                    event_id,
+                    types[code],
+                    int(product_id),
+                    user_id,
+                    int(ts_us),
+                    received_ms,
+                    stream_id,
+                ),
+            )
+        except (ValueError, KeyError):
+            raise CorruptEntry("undecodable event line, or unknown event type") from None
+        if version != FORMAT_VERSION:
+            raise CorruptEntry("unknown event format")
+        if event.product_id < 1 or not user_id or len(event_id) != 36:
+            raise CorruptEntry("event breaks the event rules")
+        events.append(event)
+    return events

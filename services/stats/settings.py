@@ -64,8 +64,10 @@ class StatsSettings(CommonSettings):
         le=16,
         description="consumers (each with a Postgres connection) in a process's writer",
     )
+    # 2000 rather than 500: measured ~2 µs less Postgres and ~1 µs less Redis CPU per event
+    # (fewer transactions, each aggregate key touched once for more events); lag p99 ~0.2 s.
     stats_batch_size: int = Field(
-        default=500, ge=1, le=5000, description="a batch is written when it holds this many events"
+        default=2000, ge=1, le=5000, description="a batch is written when it holds this many events"
     )
     stats_flush_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="...or this long after its first entry was read"

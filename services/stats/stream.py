@@ -5,7 +5,8 @@ by one consumer group. A counter beside the stream holds the number of events
 accepted and not yet acknowledged: the backlog. The scripts below make the steps
 that must not be split atomic:
 - ADMIT: refuse the whole batch when the backlog would pass its budget, else append
-  it and grow the backlog (one round trip). Nothing is ever trimmed unread.
+  it and grow the backlog. Batches arriving together share one run (one round trip),
+  each judged as if alone. Nothing is ever trimmed unread.
 - ACK_AND_COUNT: for each entry this consumer still owns, XACK it, shrink the
   backlog and add the events it inserted to the aggregates, in one step; an entry
   claimed meanwhile by another consumer is left to that one. So an event is counted
@@ -17,81 +18,125 @@ that must not be split atomic:
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from services.stats.events import COUNT_FIELD, PAYLOAD_FIELD
 from services.stats.settings import StatsSettings
 
 # KEYS: stream, backlog counter, lag. ARGV: budget (events), lag budget (ms, 0: none),
-# event count, payload. Returns the new backlog, -1 over the event budget, -2 over the lag.
+# then per batch: its event count and its payload. Returns per batch, judged in order as
+# if each came alone: the backlog after it, -1 over the event budget, -2 over the lag.
 _ADMIT = """
-local n = tonumber(ARGV[3])
-if tonumber(redis.call('GET', KEYS[2]) or '0') + n > tonumber(ARGV[1]) then
-    return -1
+local budget, max_lag = tonumber(ARGV[1]), tonumber(ARGV[2])
+local backlog = tonumber(redis.call('GET', KEYS[2]) or '0')
+local lagging = max_lag > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') > max_lag
+local results, added = {}, 0
+for i = 3, #ARGV, 2 do
+    local n = tonumber(ARGV[i])
+    if backlog + n > budget then
+        results[#results + 1] = -1
+    elseif lagging then
+        results[#results + 1] = -2
+    else
+        redis.call('XADD', KEYS[1], '*', 'n', ARGV[i], 'e', ARGV[i + 1])
+        backlog = backlog + n
+        added = added + n
+        results[#results + 1] = backlog
+    end
 end
-local max_lag = tonumber(ARGV[2])
-if max_lag > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') > max_lag then
-    return -2
-end
-redis.call('XADD', KEYS[1], '*', 'n', ARGV[3], 'e', ARGV[4])
-return redis.call('INCRBY', KEYS[2], n)
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+return results
 """
 
 # KEYS: stream, backlog counter. ARGV: group, consumer, prefix, fine_keep_s, coarse_keep_s,
-# then per entry: id, its event count, and its ops, one line "metric|pid|second|minute|user"
-# per event to count (second or minute empty when that tier can no longer use the event).
+# now (unix s), then per entry: id, its event count, and either its ops, one line
+# "metric|pid|second|minute|user" per event to count (second or minute empty when that
+# tier can no longer use the event), or "*": count every event of the entry, read from
+# the stream itself (the common case; its lines are "1|id|metric|pid|ts_us|user").
 _ACK_AND_COUNT = """
 local stream = KEYS[1]
 local group, consumer, prefix = ARGV[1], ARGV[2], ARGV[3]
-local fine_keep, coarse_keep = tonumber(ARGV[4]), tonumber(ARGV[5])
-local counts, users, expiry, ids = {}, {}, {}, {}
-local done, counted, foreign = 0, 0, 0
+local fine_keep, coarse_keep, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local find, sub, floor = string.find, string.sub, math.floor
+local fine, coarse, ids = {}, {}, {}
+local done, counted, foreign, too_old = 0, 0, 0, 0
 
-local function add(zkey, hkey, pid, user, expire_at)
-    local c = counts[zkey]
-    if not c then c = {}; counts[zkey] = c; expiry[zkey] = expire_at end
+-- Counts are gathered per bucket first (tier[bucket].c[metric][pid] = n, .u[pid] = users),
+-- so each key's name is built once per call, not once per event.
+local function add(tier, bucket, metric, pid, user)
+    local t = tier[bucket]
+    if not t then t = {c = {}, u = {}}; tier[bucket] = t end
+    local c = t.c[metric]
+    if not c then c = {}; t.c[metric] = c end
     c[pid] = (c[pid] or 0) + 1
-    local u = users[hkey]
-    if not u then u = {}; users[hkey] = u; expiry[hkey] = expire_at end
+    local u = t.u[pid]
+    if not u then u = {}; t.u[pid] = u end
     u[#u + 1] = user
 end
 
-local function count(op)
-    local a = string.find(op, '|', 1, true)
-    local b = string.find(op, '|', a + 1, true)
-    local c = string.find(op, '|', b + 1, true)
-    local d = string.find(op, '|', c + 1, true)
-    local metric, pid = string.sub(op, 1, a - 1), string.sub(op, a + 1, b - 1)
-    local sec, minute = string.sub(op, b + 1, c - 1), string.sub(op, c + 1, d - 1)
-    local user = string.sub(op, d + 1)
-    if sec ~= '' then
-        add(prefix .. ':f:' .. sec .. ':' .. metric, prefix .. ':fu:' .. sec .. ':' .. pid,
-            pid, user, tonumber(sec) + fine_keep + 1)
-    end
-    if minute ~= '' then
-        add(prefix .. ':m:' .. minute .. ':' .. metric, prefix .. ':mu:' .. minute .. ':' .. pid,
-            pid, user, (tonumber(minute) + 1) * 60 + coarse_keep)
+-- Op lines "metric|pid|second|minute|user", one per event to count.
+local function count_ops(text)
+    local pos, n = 1, #text
+    while pos <= n do
+        local a = find(text, '|', pos, true)
+        local b = find(text, '|', a + 1, true)
+        local c = find(text, '|', b + 1, true)
+        local d = find(text, '|', c + 1, true)
+        local stop = find(text, '\\n', d + 1, true) or (n + 1)
+        local metric, pid = sub(text, pos, a - 1), sub(text, a + 1, b - 1)
+        local sec, minute = sub(text, b + 1, c - 1), sub(text, c + 1, d - 1)
+        local user = sub(text, d + 1, stop - 1)
+        if sec ~= '' then add(fine, tonumber(sec), metric, pid, user) end
+        if minute ~= '' then add(coarse, tonumber(minute), metric, pid, user) end
+        counted = counted + 1
+        pos = stop + 1
     end
 end
 
-for i = 6, #ARGV, 3 do
+-- An entry's own lines "1|id|metric|pid|ts_us|user": every event counts, in the buckets
+-- services.stats.buckets.Tiers picks (none when it is too old for every window).
+local function count_all(text)
+    local pos, n = 1, #text
+    while pos <= n do
+        local a = find(text, '|', pos, true)
+        local b = find(text, '|', a + 1, true)
+        local c = find(text, '|', b + 1, true)
+        local d = find(text, '|', c + 1, true)
+        local e = find(text, '|', d + 1, true)
+        local stop = find(text, '\\n', e + 1, true) or (n + 1)
+        local metric, pid = sub(text, b + 1, c - 1), sub(text, c + 1, d - 1)
+        local ts = tonumber(sub(text, d + 1, e - 1))
+        local user = sub(text, e + 1, stop - 1)
+        local sec, minute = floor(ts / 1000000), floor(ts / 60000000)
+        local is_fine, is_coarse = sec + fine_keep > now, (minute + 1) * 60 + coarse_keep > now
+        if is_fine then add(fine, sec, metric, pid, user) end
+        if is_coarse then add(coarse, minute, metric, pid, user) end
+        if is_fine or is_coarse then counted = counted + 1 else too_old = too_old + 1 end
+        pos = stop + 1
+    end
+end
+
+for i = 7, #ARGV, 3 do
     local id, size, ops = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
     local p = redis.call('XPENDING', stream, group, id, id, 1)[1]
     if p and p[2] == consumer then
         ids[#ids + 1] = id
         done = done + size
-        local start = 1
-        while start <= #ops do
-            local stop = string.find(ops, '\\n', start, true) or (#ops + 1)
-            count(string.sub(ops, start, stop - 1))
-            counted = counted + 1
-            start = stop + 1
+        if ops == '*' then
+            local fields = redis.call('XRANGE', stream, id, id)[1][2]
+            for j = 1, #fields, 2 do
+                if fields[j] == 'e' then count_all(fields[j + 1]) end
+            end
+        else
+            count_ops(ops)
         end
     elseif p then
         foreign = foreign + 1
@@ -104,20 +149,30 @@ end
 if done > 0 and redis.call('DECRBY', KEYS[2], done) < 0 then
     redis.call('SET', KEYS[2], 0)
 end
-for zkey, c in pairs(counts) do
-    for pid, n in pairs(c) do
-        redis.call('ZINCRBY', zkey, n, pid)
+
+local function flush(tier, code, ucode, expire_at)
+    for bucket, t in pairs(tier) do
+        local b = string.format('%d', bucket)
+        local at = expire_at(bucket)
+        for metric, c in pairs(t.c) do
+            local zkey = prefix .. ':' .. code .. ':' .. b .. ':' .. metric
+            for pid, n in pairs(c) do
+                redis.call('ZINCRBY', zkey, n, pid)
+            end
+            redis.call('EXPIREAT', zkey, at)
+        end
+        for pid, u in pairs(t.u) do
+            local hkey = prefix .. ':' .. ucode .. ':' .. b .. ':' .. pid
+            for first = 1, #u, 500 do
+                redis.call('PFADD', hkey, unpack(u, first, math.min(first + 499, #u)))
+            end
+            redis.call('EXPIREAT', hkey, at)
+        end
     end
 end
-for hkey, u in pairs(users) do
-    for first = 1, #u, 500 do
-        redis.call('PFADD', hkey, unpack(u, first, math.min(first + 499, #u)))
-    end
-end
-for key, at in pairs(expiry) do
-    redis.call('EXPIREAT', key, at)
-end
-return {#ids, counted, foreign}
+flush(fine, 'f', 'fu', function(s) return s + fine_keep + 1 end)
+flush(coarse, 'm', 'mu', function(m) return (m + 1) * 60 + coarse_keep end)
+return {#ids, counted, foreign, too_old}
 """
 
 # KEYS: stream, dead-letter stream, backlog counter, lag.
@@ -208,6 +263,10 @@ return 1
 """
 
 
+_ADMIT_GROUP_MAX = 32  # batches appended in one round trip, at most
+_ADMIT_CHARS_MAX = 2_000_000  # ...and their payloads' size
+
+
 class Refusal(StrEnum):
     BACKLOG = "the event backlog is over its budget"
     LAG = "the writers are too far behind"
@@ -252,6 +311,10 @@ class AckResult:
     acked: int
     counted: int
     foreign: int
+    too_old: int  # events of "*" entries too old for any window (stored, not counted)
+
+
+ALL_EVENTS = "*"  # ack_and_count: count every event of the entry (no ops sent)
 
 
 @dataclass(frozen=True)
@@ -305,21 +368,60 @@ class EventStream:
         self.dead_letters = settings.stats_dead_letter_stream
         self.max_backlog = settings.stats_max_backlog
         self._admit = redis.register_script(_ADMIT)
+        self._waiting: deque[tuple[str, int, asyncio.Future[int]]] = deque()
+        self._appender: asyncio.Task[None] | None = None
         self._ack_and_count = redis.register_script(_ACK_AND_COUNT)
         self._maintain = redis.register_script(_MAINTAIN)
         self._leave = redis.register_script(_LEAVE)
 
     async def admit(self, payload: str, count: int) -> Refusal | None:
-        """Append one accepted batch, or say why not (the backlog is over a budget)."""
-        result = int(
-            await self._admit(
-                keys=[self.stream, self.backlog, self.lag],
-                args=[self.max_backlog, self.max_lag_ms, count, payload],
-            )
-        )
+        """Append one accepted batch, or say why not (the backlog is over a budget).
+
+        Batches that arrive while an append is on its way wait for it, then go together
+        in the next one: one round trip (and one script run) for all of them, each
+        judged as if it came alone. Under no load a batch goes at once, alone.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append((payload, count, future))
+        if self._appender is None:
+            self._appender = asyncio.create_task(self._append_waiting())
+        result = await future
         if result >= 0:
             return None
         return Refusal.BACKLOG if result == -1 else Refusal.LAG
+
+    async def _append_waiting(self) -> None:
+        """Send the waiting batches, a bounded group per round trip, until none wait."""
+        try:
+            while self._waiting:
+                group: list[tuple[str, int, asyncio.Future[int]]] = []
+                chars = 0
+                while self._waiting and len(group) < _ADMIT_GROUP_MAX and chars < _ADMIT_CHARS_MAX:
+                    payload, count, future = self._waiting.popleft()
+                    if not future.done():  # its request was cancelled: append nothing of it
+                        group.append((payload, count, future))
+                        chars += len(payload)
+                if group:
+                    await self._append_group(group)
+        finally:
+            self._appender = None
+
+    async def _append_group(self, group: list[tuple[str, int, asyncio.Future[int]]]) -> None:
+        args: list[str | int] = [self.max_backlog, self.max_lag_ms]
+        for payload, count, _ in group:
+            args += [count, payload]
+        try:
+            results = await self._admit(keys=[self.stream, self.backlog, self.lag], args=args)
+        except BaseException as exc:
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RedisError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(group, results, strict=True):
+            if not future.done():
+                future.set_result(int(result))
 
     async def ensure_group(self) -> None:
         """Create the consumer group (from the stream's start, so nothing is skipped)."""
@@ -363,14 +465,15 @@ class EventStream:
         prefix: str,
         fine_keep_s: int,
         coarse_keep_s: int,
+        now_s: int,
         specs: list[str | int],
     ) -> AckResult:
         """Ack the entries this consumer owns and count their events (see _ACK_AND_COUNT)."""
         reply = await self._ack_and_count(
             keys=[self.stream, self.backlog],
-            args=[self.group, consumer, prefix, fine_keep_s, coarse_keep_s, *specs],
+            args=[self.group, consumer, prefix, fine_keep_s, coarse_keep_s, now_s, *specs],
         )
-        return AckResult(int(reply[0]), int(reply[1]), int(reply[2]))
+        return AckResult(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def dead_letter(self, letters: list[DeadLetter], *, consumer: str) -> None:
         """Append failed events (or corrupt entries) to the dead-letter stream."""

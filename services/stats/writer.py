@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
 from typing import TypeVar
 
 import asyncpg
@@ -34,9 +33,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.stats import metrics, storage
 from services.stats.buckets import Tiers
-from services.stats.events import EPOCH, CorruptEntry, Event, decode_batch
+from services.stats.events import CorruptEntry, Event, decode_batch
 from services.stats.settings import StatsSettings
-from services.stats.stream import DeadLetter, Entry, EventStream
+from services.stats.stream import ALL_EVENTS, DeadLetter, Entry, EventStream
 
 log = logging.getLogger("shopstack.stats.writer")
 
@@ -81,13 +80,6 @@ class PermanentFailure(Exception):
 
 class Abandoned(Exception):
     """A write was given up because the writer is stopping; its entries stay pending."""
-
-
-def _rows(entry: Entry, events: list[Event]) -> list[storage.StagedEvent]:
-    received_at = EPOCH + timedelta(milliseconds=entry.received_ms)
-    return [
-        (e.event_id, e.type, e.product_id, e.user_id, e.ts, received_at, entry.id) for e in events
-    ]
 
 
 class BatchWriter:
@@ -162,7 +154,10 @@ class BatchWriter:
         corrupt: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                batch.append((entry, decode_batch(entry.payload)))
+                events = decode_batch(
+                    entry.payload, stream_id=entry.id, received_ms=entry.received_ms
+                )
+                batch.append((entry, events))
             except CorruptEntry as exc:
                 corrupt.append((entry, str(exc)))
         try:
@@ -217,23 +212,22 @@ class BatchWriter:
         started = time.perf_counter()
         if self.settings.stats_fault_write_delay_s:
             await asyncio.sleep(self.settings.stats_fault_write_delay_s)
-        rows = [row for entry, events in batch for row in _rows(entry, events)]
-        redelivered = any(entry.redelivered for entry, _ in batch)
-        inserted, counted = await self._store(rows, redelivered=redelivered)
+        rows = [event for _, events in batch for event in events]
+        inserted, counted = await self._store(rows)
         await self._ack_and_count(batch, counted)
         metrics.EVENTS_STORED.labels("inserted").inc(inserted)
         metrics.EVENTS_STORED.labels("duplicate").inc(len(rows) - inserted)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
 
-    async def _store(
-        self, rows: list[storage.StagedEvent], *, redelivered: bool
-    ) -> tuple[int, set[tuple[str, str]]]:
+    async def _store(self, rows: list[Event]) -> tuple[int, set[tuple[str, str]] | None]:
         """One transaction: COPY to staging, insert once per event_id, commit.
 
         Returns how many rows were new and the (event_id, entry id) pairs whose
-        insert this entry won: the events it counts. Redelivered entries also find
-        the rows an interrupted earlier attempt (or a concurrent writer) committed.
+        insert their entry won: the events it counts. None stands for every row (the
+        common case: all were new, so no pair needs to travel back). Otherwise the
+        pairs also hold the rows an interrupted earlier attempt of the same entry
+        (or a concurrent writer of it) committed.
         """
         poison = self.settings.stats_fault_poison_user_id
         conn = await self._connection()
@@ -242,15 +236,21 @@ class BatchWriter:
             if poison is not None and any(row[3] == poison for row in rows):
                 raise InjectedFault(f"injected fault: events of user {poison!r} always fail")
             inserted = await storage.insert_staged(conn)
-            owned = await storage.staged_owners(conn) if redelivered else inserted
-        return len(inserted), set(owned)
+            owned = None if inserted == len(rows) else set(await storage.staged_owners(conn))
+        return inserted, owned
 
-    async def _ack_and_count(self, batch: list[Parsed], counted: set[tuple[str, str]]) -> None:
+    async def _ack_and_count(
+        self, batch: list[Parsed], counted: set[tuple[str, str]] | None
+    ) -> None:
+        """Ack the batch's entries and count `counted` (None: every event of every entry)."""
         now_s = int(time.time())
         tiers = self.tiers
         specs: list[str | int] = []
         too_old = 0
         for entry, events in batch:
+            if counted is None:
+                specs += [entry.id, entry.size, ALL_EVENTS]  # the script reads the entry itself
+                continue
             ops: list[str] = []
             for event in events:
                 key = (event.event_id, entry.id)
@@ -272,9 +272,10 @@ class BatchWriter:
             prefix=self.settings.stats_key_prefix,
             fine_keep_s=tiers.fine_keep_s,
             coarse_keep_s=tiers.coarse_keep_s,
+            now_s=now_s,
             specs=specs,
         )
-        metrics.EVENTS_TOO_OLD.inc(too_old)
+        metrics.EVENTS_TOO_OLD.inc(too_old + result.too_old)
         if result.foreign:
             log.info("entries taken over by another writer", extra={"count": result.foreign})
 
@@ -310,7 +311,7 @@ class BatchWriter:
     async def _isolate(self, entry: Entry, events: list[Event]) -> list[tuple[Event, str]]:
         """Store the events that can be stored; return those that fail on their own."""
         try:
-            await self._retrying(lambda: self._store(_rows(entry, events), redelivered=True))
+            await self._retrying(lambda: self._store(events))
         except PermanentFailure as failure:
             if len(events) == 1:
                 return [(events[0], str(failure))]
