@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-
 from services.common import settings as common_settings
 from services.common.app import build_app
-from services.stats.ingress import EventsIngress
-from services.stats.routes import router
+from services.common.fastlane import ServiceApp
+from services.stats.routes import FAST_ROUTES, router
 from services.stats.settings import StatsSettings
 from services.stats.state import StatsState, open_stats_state
 
 
-def create_app(settings: StatsSettings | None = None) -> FastAPI:
+def create_app(settings: StatsSettings | None = None) -> ServiceApp:
     """Build the stats app; settings come from the environment unless given."""
     resolved = settings or common_settings.load(StatsSettings)
     assert isinstance(resolved, StatsSettings)
@@ -25,13 +23,11 @@ def create_app(settings: StatsSettings | None = None) -> FastAPI:
         async with open_stats_state(resolved) as state:
             yield state
 
-    app = build_app(
+    return build_app(
         settings=resolved,
         title="shopstack stats",
         description="Batched ingestion of user-behaviour events and real-time aggregates.",
         lifespan=lifespan,
         routers=[router],
+        fast_routes=FAST_ROUTES,
     )
-    # Outermost of the service's middleware: it answers POST /api/v1/events itself.
-    app.add_middleware(EventsIngress, settings=resolved)
-    return app

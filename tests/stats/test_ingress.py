@@ -1,4 +1,4 @@
-"""POST /api/v1/events is answered by the pure-ASGI ingress: ids, limits, metrics, errors."""
+"""POST /api/v1/events on the fast lane: request ids, limits, metrics, errors."""
 
 from __future__ import annotations
 
