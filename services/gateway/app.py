@@ -523,21 +523,19 @@ class Gateway:
         return reply
 
     async def _rate_limit(self, state: GatewayState, user: TokenUser | None, ip: str) -> None:
+        buckets = [(f"write-ip:{ip}", state.write_ip_bucket)]
+        if user is not None:
+            buckets.insert(0, (f"write-user:{user.user_id}", state.write_user_bucket))
         try:
-            if user is not None:
-                by_user = await state.limiter.take(
-                    f"write-user:{user.user_id}", state.write_user_bucket
-                )
-                if not by_user.allowed:
-                    raise RateLimited("too many requests", retry_after_s=by_user.retry_after_s)
-            by_ip = await state.limiter.take(f"write-ip:{ip}", state.write_ip_bucket)
-            if not by_ip.allowed:
-                raise RateLimited("too many requests", retry_after_s=by_ip.retry_after_s)
+            decision = await state.limiter.take_each(*buckets)
         except RedisError as exc:
             # Writes stay available without Redis (login alone fails closed).
             log.warning(
                 "rate limiter unavailable; letting the request through", extra={"error": str(exc)}
             )
+            return
+        if not decision.allowed:
+            raise RateLimited("too many requests", retry_after_s=decision.retry_after_s)
 
     async def _upstream_call(
         self,
