@@ -27,7 +27,8 @@ async def test_every_bucket_pays_until_the_first_that_cannot(rds: aioredis.Redis
     user, ip = keys()
     first = await limiter.take_each((user, SLOW), (ip, ROOMY))
     second = await limiter.take_each((user, SLOW), (ip, ROOMY))
-    assert first.allowed and second.allowed
+    assert first.allowed
+    assert second.allowed
     assert round(await tokens(rds, user)) == 0
     assert round(await tokens(rds, ip)) == 98
     # The user's bucket is empty: refused, and the IP bucket behind it is not charged.
