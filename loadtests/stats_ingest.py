@@ -9,7 +9,7 @@ Three phases, one run, one table (stats_events):
 3. paced: an open-loop sender at --paced-fraction of the max phase's durable rate;
    the figure is the ingest lag (stored_at - received_at, and the service's
    shopstack_stats_consumer_lag_seconds gauge).
-The stats RSS is sampled all along (worker and whole server).
+The stats memory is sampled all along (worker RSS, and RSS and PSS of the whole server).
 
   python loadtests/stats_ingest.py --spawn --dsn postgresql://postgres@127.0.0.1:5432/bench
   python loadtests/stats_ingest.py --url http://127.0.0.1:8000 --dsn ... --pid <stats pid>
@@ -157,10 +157,15 @@ def cpu_used(
 
 
 class RssSampler:
+    """Peak memory of the stats server: its worker's RSS, the RSS of the whole process
+    tree, and the tree's PSS (shared pages counted once across the forked processes,
+    which the RSS sum counts in each)."""
+
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.max_worker = 0
         self.max_total = 0
+        self.max_total_pss = 0
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
@@ -170,12 +175,18 @@ class RssSampler:
             root = psutil.Process(self.pid)
             procs = [root, *root.children(recursive=True)]
             sizes = []
+            pss = 0
             for proc in procs:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    sizes.append(proc.memory_info().rss)
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    mem = proc.memory_full_info()
+                    sizes.append(mem.rss)
+                    pss += mem.pss
         except psutil.NoSuchProcess:
             return
+        if not sizes:
+            return
         self.max_total = max(self.max_total, sum(sizes))
+        self.max_total_pss = max(self.max_total_pss, pss)
         self.max_worker = max(self.max_worker, max(sizes[1:] or sizes))
 
     async def run(self) -> None:
@@ -436,6 +447,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "phases": [asdict(best), asdict(paced)],
         "stats_worker_rss_max_mb": round(rss.max_worker / 2**20, 1),
         "stats_total_rss_max_mb": round(rss.max_total / 2**20, 1),
+        "stats_total_pss_max_mb": round(rss.max_total_pss / 2**20, 1),
         "settings": {
             k: str(v) if isinstance(v, Path) else v
             for k, v in vars(args).items()
