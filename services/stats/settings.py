@@ -28,6 +28,13 @@ class StatsSettings(CommonSettings):
         max_length=200,
         description="where events that keep failing go, with their error",
     )
+    stats_dead_letter_max: int = Field(
+        default=100_000,
+        ge=100,
+        le=10_000_000,
+        description="dead letters kept (the oldest are trimmed past this; "
+        "shopstack_stats_dead_lettered_total still counts them all)",
+    )
     stats_key_prefix: str = Field(
         default="stats:agg", min_length=1, max_length=200, description="prefix of aggregate keys"
     )

@@ -366,6 +366,7 @@ class EventStream:
         self.lag_ttl_ms = int(max(5.0, 5 * settings.stats_maintenance_interval_s) * 1000)
         self.group = settings.stats_group
         self.dead_letters = settings.stats_dead_letter_stream
+        self.dead_letter_max = settings.stats_dead_letter_max
         self.max_backlog = settings.stats_max_backlog
         self._admit = redis.register_script(_ADMIT)
         self._waiting: deque[tuple[str, int, asyncio.Future[int]]] = deque()
@@ -476,7 +477,7 @@ class EventStream:
         return AckResult(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def dead_letter(self, letters: list[DeadLetter], *, consumer: str) -> None:
-        """Append failed events (or corrupt entries) to the dead-letter stream."""
+        """Append failed events (or corrupt entries) to the dead-letter stream (capped)."""
         failed_at = datetime.now(UTC).isoformat()
         async with self.redis.pipeline(transaction=True) as pipe:
             for letter in letters:
@@ -488,7 +489,13 @@ class EventStream:
                     "consumer": consumer,
                     "failed_at": failed_at,
                 }
-                pipe.xadd(self.dead_letters, fields)  # type: ignore[arg-type]
+                # Exact trimming: dead letters are rare, and the bound must hold.
+                pipe.xadd(
+                    self.dead_letters,
+                    fields,  # type: ignore[arg-type]
+                    maxlen=self.dead_letter_max,
+                    approximate=False,
+                )
             await pipe.execute()
 
     async def maintain(self, consumer: str, *, reap_idle_ms: int) -> Backlog:

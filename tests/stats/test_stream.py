@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.stats.settings import StatsSettings
-from services.stats.stream import EventStream, Refusal
+from services.stats.stream import DeadLetter, EventStream, Refusal
 from tests.stats.conftest import Names, backlog
 
 
@@ -89,3 +89,21 @@ async def test_a_cancelled_request_appends_nothing(
     entries = await rds.xrange(names.stream)
     assert [fields[b"e"].decode() for _, fields in entries] == [_payload(1, 10), _payload(2, 10)]
     assert await backlog(rds, names) == 20
+
+
+async def test_the_dead_letter_stream_keeps_the_newest_up_to_its_cap(
+    settings_kwargs: dict[str, Any], rds: aioredis.Redis, names: Names
+) -> None:
+    settings = StatsSettings(**settings_kwargs, **names.settings(), stats_dead_letter_max=100)
+    stream = EventStream(rds, settings)
+    try:
+        for start in range(0, 250, 50):
+            letters = [
+                DeadLetter(f"{i}-0", f"payload-{i}", "boom", 5) for i in range(start, start + 50)
+            ]
+            await stream.dead_letter(letters, consumer="c1")
+        assert await rds.xlen(names.dead) == 100
+        kept = [fields[b"payload"].decode() for _, fields in await rds.xrange(names.dead)]
+        assert kept == [f"payload-{i}" for i in range(150, 250)]
+    finally:
+        await rds.delete(names.dead)
