@@ -174,11 +174,12 @@ class FastLane:
         except Problem as exc:
             reply = problem_reply(exc)
         except HTTPException as exc:  # from read_body: 400, 408, 413
+            # The rest of the body was not read: the connection cannot carry another request.
             status = exc.status_code
             reply = FastReply(
                 status,
                 problem_bytes(status, code_for_status(status), str(exc.detail)),
-                {"connection": "close"} if status in (408, 413) else {},
+                {"connection": "close"},
                 PROBLEM_CONTENT_TYPE.encode(),
             )
         if reply.custom is not None:

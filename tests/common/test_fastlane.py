@@ -134,6 +134,8 @@ async def test_body_limit_deadline_and_bad_length_as_everywhere() -> None:
     assert_problem(streamed, 413, "payload-too-large")
     assert_problem(slow, 408, "request-timeout")
     assert_problem(bad, 400, "bad-request")
+    for refused in (declared, streamed, slow, bad):
+        assert refused.headers["connection"] == "close"
 
 
 async def test_other_methods_and_paths_fall_through_to_the_framework() -> None:
