@@ -193,7 +193,12 @@ async def test_pay4_provider_hangs_payments_stay_pending_until_settled(
     await psp.post("/_sandbox/faults", json={"timeout_rate": 1.0, "callback_drop_rate": 1.0})
     started = time.monotonic()
     replies = await asyncio.gather(*(pay(api, me, o.id) for o in orders))
-    assert [r.json()["status"] for r in replies] == ["pending"] * trials
+    statuses = [r.json()["status"] for r in replies]
+    # Unknown is never reported as failed. A reply may already say "succeeded": the settle
+    # job (due 1 s after the charge attempt) can learn the truth while the client's retries
+    # still hang, and the reply shows the payment as it is then (it never moves back).
+    assert set(statuses) <= {"pending", "succeeded"}
+    assert statuses.count("pending") >= trials // 4  # most replies come before settling
     ids = [uuid.UUID(r.json()["id"]) for r in replies]
     seen: set[str] = set()
 
