@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from services.catalog import orders
 from services.catalog.domain import serialize
 from services.catalog.idempotency import SCOPE_CREATE_ORDER, request_hash, run_once
-from services.catalog.schemas import InternalOrder, Order, OrderIn, PaymentRef
+from services.catalog.schemas import HoldRef, InternalOrder, Order, OrderIn, PaymentRef
 from services.catalog.state import CatalogState
 from services.common.errors import PROBLEM_CONTENT_TYPE, problem_body
 from services.common.fastlane import (
@@ -168,7 +168,17 @@ def _payment_step(step: Callable[..., Awaitable[Any]]) -> FastHandler:
     return handler
 
 
-hold = _payment_step(orders.hold_order)
+async def hold(request: FastRequest) -> FastReply:
+    state: CatalogState = request.state
+    order_id = path_uuid(request, "order_id")
+    ref = parse_body(HoldRef, request.body)
+    return _internal(
+        await orders.hold_order(
+            inv=state.inventory, order_id=order_id, payment_id=ref.payment_id, user_id=ref.user_id
+        )
+    )
+
+
 paid = _payment_step(orders.mark_order_paid)
 release = _payment_step(orders.release_hold)
 
@@ -192,7 +202,7 @@ async def internal_get_order(request: Request, order_id: OrderIdPath) -> Respons
     response_model=InternalOrder,
     responses={404: _404, 409: _409_PAY, 422: _422},
 )
-async def hold_order(request: Request, order_id: OrderIdPath, body: PaymentRef) -> Response:
+async def hold_order(request: Request, order_id: OrderIdPath, body: HoldRef) -> Response:
     return await framework_reply(hold, request, order_id=order_id)
 
 

@@ -339,11 +339,21 @@ async def _payable(conn: Any, order_id: UUID, payment_id: UUID, now: datetime) -
     return row
 
 
-async def hold_order(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
-    """Hold a reserved order for a payment so the sweeper leaves it alone meanwhile."""
+async def hold_order(
+    *, inv: Inventory, order_id: UUID, payment_id: UUID, user_id: str | None = None
+) -> Any:
+    """Hold a reserved order for a payment so the sweeper leaves it alone meanwhile.
+
+    With `user_id`, an order that user does not own is answered like a missing one.
+    """
     now = datetime.now(UTC)
     async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
-        row = await _payable(conn, order_id, payment_id, now)
+        row = await _locked(conn, order_id)
+        if user_id is not None and row["user_id"] != user_id:
+            raise NotFound(f"order {order_id} does not exist")
+        why = _why_not_payable(row, payment_id, now)
+        if why is not None:
+            raise _not_payable(order_id, why)
         if row["status"] == "paid":
             return row
         until = now + timedelta(seconds=inv.settings.catalog_hold_ttl_s)

@@ -91,8 +91,16 @@ class InternalOrder(Order):
 
 
 class PaymentRef(BaseModel):
-    """Body of the internal hold / paid / release calls."""
+    """Body of the internal paid / release calls."""
 
     model_config = ConfigDict(extra="forbid")
 
     payment_id: UUID
+
+
+class HoldRef(PaymentRef):
+    """Body of the internal hold call. With `user_id` (the paying user), an order of
+    anyone else is answered 404, so the payment service checks the owner, learns the
+    amount and holds the order in one call."""
+
+    user_id: str | None = Field(default=None, min_length=1, max_length=200)

@@ -1,8 +1,8 @@
 """The catalog's internal order API (never routed by the gateway).
 
-GET /internal/v1/orders/{id}; POST .../hold, .../paid, .../release with
-{"payment_id"}. hold, paid and release are idempotent for one payment id, so
-every call here may be repeated safely.
+POST /internal/v1/orders/{id}/hold, .../paid, .../release with {"payment_id"}
+(hold also takes the paying "user_id"). hold, paid and release are idempotent for
+one payment id, so every call here may be repeated safely.
 """
 
 from __future__ import annotations
@@ -104,20 +104,18 @@ class CatalogClient:
                 "catalog sent an unreadable order", reply=payload[:500].decode("utf-8", "replace")
             ) from exc
 
-    async def get_order(self, order_id: uuid.UUID) -> Order | None:
-        """The order, or None when the catalog does not know it."""
-        try:
-            return await self._order("GET", f"/internal/v1/orders/{order_id}")
-        except CatalogRefused as exc:
-            if exc.status == 404:
-                return None
-            raise
+    async def hold(
+        self, order_id: uuid.UUID, payment_id: uuid.UUID, *, user_id: str | None = None
+    ) -> Order:
+        """Keep the order from expiring while this payment's charge is in flight.
 
-    async def hold(self, order_id: uuid.UUID, payment_id: uuid.UUID) -> Order:
-        """Keep the order from expiring while this payment's charge is in flight."""
-        return await self._order(
-            "POST", f"/internal/v1/orders/{order_id}/hold", {"payment_id": str(payment_id)}
-        )
+        With `user_id`, the catalog answers 404 unless that user owns the order, so one
+        call checks the owner, holds the order and returns its amount.
+        """
+        body = {"payment_id": str(payment_id)}
+        if user_id is not None:
+            body["user_id"] = user_id
+        return await self._order("POST", f"/internal/v1/orders/{order_id}/hold", body)
 
     async def mark_paid(self, order_id: uuid.UUID, payment_id: uuid.UUID) -> None:
         await self._call(

@@ -155,6 +155,10 @@ async def create_payment(
 ) -> bytes:
     """Pay an order: hold it at the catalog, charge the provider once, record the outcome.
 
+    The hold is the one catalog call before the charge: it checks that the caller owns
+    the order (404 otherwise) and that it is payable (409), keeps it from expiring, and
+    returns its amount. Only then is the payment row written, before any charge.
+
     Returns the 201 body. Raises NotFound (not the caller's order), OrderNotPayable,
     or UpstreamUnavailable (breaker open, catalog down, provider unreachable: nothing
     was charged, so the idempotency key is released by the caller).
@@ -171,7 +175,11 @@ async def create_payment(
             return await charge(state, payment=existing, claim=claim, stamped=False)
 
     _refuse_if_breaker_open(state)
-    order = await _load_order(state, caller=caller, order_id=order_id)
+    order = await _hold(state, caller=caller, order_id=order_id, payment_id=payment_id)
+    why = _why_not_payable(order)
+    if why is not None:
+        await _drop_hold(state, order_id=order_id, payment_id=payment_id)
+        raise OrderNotPayable(why)
     try:
         payment = await storage.insert_payment(
             state.db,
@@ -184,10 +192,11 @@ async def create_payment(
             settle_after_s=state.config.payment_settle_after_s,
         )
     except asyncpg.UniqueViolationError:
+        await _drop_hold(state, order_id=order_id, payment_id=payment_id)
         raise OrderNotPayable("a payment for this order is already in progress") from None
     if payment is None:
+        await _drop_hold(state, order_id=order_id, payment_id=payment_id)
         raise OrderNotPayable("this order is already paid")
-    await _hold(state, payment=payment)
     return await charge(state, payment=payment, claim=claim, stamped=True)
 
 
@@ -202,65 +211,44 @@ def _refuse_if_breaker_open(state: PaymentState) -> None:
         ) from None
 
 
-async def _load_order(state: PaymentState, *, caller: Caller, order_id: uuid.UUID) -> Order:
-    try:
-        order = await state.catalog.get_order(order_id)
-    except (CatalogUnavailable, CatalogRefused) as exc:
-        log.warning(
-            "order lookup failed",
-            extra={
-                "order_id": str(order_id),
-                "error": str(exc),
-                "reply": getattr(exc, "reply", ""),
-            },
-        )
-        raise UpstreamUnavailable(
-            "the catalog is unavailable", status=503, retry_after_s=1
-        ) from None
-    if order is None or order.user_id != caller.user_id:
-        raise NotFound("order not found")
+def _why_not_payable(order: Order) -> str | None:
+    """Why a held order still cannot be charged (None: it can)."""
     if order.status != "reserved":
-        raise OrderNotPayable(f"the order is {order.status}")
+        return f"the order is {order.status}"
     if order.amount_cents <= 0:
-        raise OrderNotPayable("the order has nothing to pay")
-    return order
+        return "the order has nothing to pay"
+    return None
 
 
-async def _hold(state: PaymentState, *, payment: Any) -> None:
-    """Ask the catalog to keep the order while we charge; a refusal fails the payment."""
+async def _hold(
+    state: PaymentState, *, caller: Caller, order_id: uuid.UUID, payment_id: uuid.UUID
+) -> Order:
+    """Hold the caller's order for this payment and return it; refusals become 404/409/503."""
+    context = {"order_id": str(order_id), "payment_id": str(payment_id)}
     try:
-        await state.catalog.hold(payment["order_id"], payment["id"])
+        return await state.catalog.hold(order_id, payment_id, user_id=caller.user_id)
     except CatalogRefused as exc:
-        log.warning(
-            "order hold refused",
-            extra={
-                "order_id": str(payment["order_id"]),
-                "payment_id": str(payment["id"]),
-                "reply": exc.reply,
-            },
-        )
-        await record_outcome(
-            state, payment=payment, status="failed", reason="order-not-payable", source="hold"
-        )
+        log.info("order hold refused", extra={**context, "reply": exc.reply})
         if exc.status == 404:
             raise NotFound("order not found") from None
         raise OrderNotPayable("the order cannot be paid now") from None
     except CatalogUnavailable as exc:
-        log.warning(
-            "order hold failed",
-            extra={
-                "order_id": str(payment["order_id"]),
-                "payment_id": str(payment["id"]),
-                "error": str(exc),
-                "reply": exc.reply,
-            },
-        )
-        await record_outcome(
-            state, payment=payment, status="failed", reason="catalog-unavailable", source="hold"
-        )
+        log.warning("order hold failed", extra={**context, "error": str(exc), "reply": exc.reply})
         raise UpstreamUnavailable(
             "the catalog is unavailable", status=503, retry_after_s=1
         ) from None
+
+
+async def _drop_hold(state: PaymentState, *, order_id: uuid.UUID, payment_id: uuid.UUID) -> None:
+    """Give back a hold this request took but will not charge for (best effort: a hold
+    left behind lapses by itself after the catalog's hold TTL)."""
+    try:
+        await state.catalog.release(order_id, payment_id)
+    except (CatalogRefused, CatalogUnavailable) as exc:
+        log.warning(
+            "hold release failed; it will lapse",
+            extra={"order_id": str(order_id), "payment_id": str(payment_id), "error": str(exc)},
+        )
 
 
 async def charge(

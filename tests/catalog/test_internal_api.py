@@ -195,3 +195,30 @@ async def test_internal_body_errors_name_the_field(orders_app: OrdersApp) -> Non
     )
     doc = assert_problem(resp, 422, "validation-error")
     assert doc["errors"][0]["loc"] == ["body", "payment_id"]
+
+
+async def test_hold_with_user_id_refuses_anyone_but_the_owner(orders_app: OrdersApp) -> None:
+    _, order_id, user = await _reserve(orders_app)
+    path = f"/internal/v1/orders/{order_id}/hold"
+    payment = str(uuid.uuid4())
+    other = await orders_app.client.post(path, json={"payment_id": payment, "user_id": "someone"})
+    assert_problem(other, 404, "not-found")
+    assert other.json()["detail"] == f"order {order_id} does not exist"  # as for a missing one
+    doc = (await orders_app.client.get(f"/internal/v1/orders/{order_id}")).json()
+    assert doc["held_by"] is None  # a refused hold leaves no trace
+    mine = await orders_app.client.post(
+        path, json={"payment_id": payment, "user_id": user["X-User-Id"]}
+    )
+    assert mine.status_code == 200
+    assert mine.json()["held_by"] == payment
+    assert mine.json()["amount_cents"] == 1999
+    # user_id belongs to hold only; paid and release refuse unknown fields.
+    for action in ("paid", "release"):
+        resp = await orders_app.client.post(
+            f"/internal/v1/orders/{order_id}/{action}",
+            json={"payment_id": payment, "user_id": user["X-User-Id"]},
+        )
+        assert_problem(resp, 422, "validation-error")
+    for bad in ("", 5, "u" * 201):
+        resp = await orders_app.client.post(path, json={"payment_id": payment, "user_id": bad})
+        assert_problem(resp, 422, "validation-error")

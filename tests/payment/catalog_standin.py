@@ -4,9 +4,9 @@ It implements the contract of docs/internal-api.md over an in-memory dict, so
 payment's tests control orders (status, holds, outages) directly:
 
 - GET  /internal/v1/orders/{id}            200 order | 404
-- POST /internal/v1/orders/{id}/hold       {"payment_id"}: 200 order; idempotent for the same
-  payment; 409 order-not-payable if not reserved or held by another payment (a hold
-  lapses after 10 min)
+- POST /internal/v1/orders/{id}/hold       {"payment_id", "user_id"?}: 200 order; 404 when
+  user_id is given and does not own it; idempotent for the same payment; 409
+  order-not-payable if not reserved or held by another payment (a hold lapses after 10 min)
 - POST /internal/v1/orders/{id}/paid       {"payment_id"}: 200 (idempotent); 409 otherwise
 - POST /internal/v1/orders/{id}/release    {"payment_id"}: 200, drops that payment's hold
 """
@@ -144,12 +144,16 @@ class CatalogStandIn:
         try:
             doc = orjson.loads(await request.read())
             payment_id = uuid.UUID(doc["payment_id"])
-            if set(doc) != {"payment_id"}:
+            allowed = {"payment_id", "user_id"} if action == "hold" else {"payment_id"}
+            if not set(doc) <= allowed:
                 raise ValueError("unknown fields")
+            user_id = doc.get("user_id")
+            if user_id is not None and not isinstance(user_id, str):
+                raise ValueError("user_id must be a string")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return problem(422, "validation-error", 'body must be {"payment_id": uuid}')
         order = self._order(request)
-        if order is None:
+        if order is None or (user_id is not None and order.user_id != user_id):
             return problem(404, "not-found", "order not found")
         self.calls.append((action, order.id, payment_id))
         if action == "hold":

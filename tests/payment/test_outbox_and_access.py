@@ -72,6 +72,12 @@ async def test_pay9_other_users_payments_and_orders_are_404(
         assert theirs.content == not_found_order.content
         assert "7777" not in theirs.text
     assert_problem(await api.get(f"/api/v1/payments/{payments[0]}"), 401, "unauthorized")
+    # An order alice has not paid yet: bob's attempt neither holds it nor charges it.
+    unpaid = standin.add_order(alice["X-User-Id"], amount_cents=7777)
+    theirs = await pay(api, bob, unpaid.id)
+    assert theirs.content == not_found_order.content
+    assert unpaid.held_by is None
+    assert (await pay(api, alice, unpaid.id)).json()["status"] == "succeeded"
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,30 @@ async def test_orders_that_cannot_be_paid_are_refused(
     assert await charges_for_order(pg, psp, order.id) == (1, 1)
 
 
+async def test_an_order_with_a_payment_in_flight_is_refused_and_the_hold_given_back(
+    api: httpx.AsyncClient, psp: httpx.AsyncClient, standin: CatalogStandIn, pg: asyncpg.Connection
+) -> None:
+    """Another payment of the order is still pending (its catalog hold has lapsed): the
+    new attempt gets 409, charges nothing and releases the hold it took."""
+    me = user()
+    order = standin.add_order(me["X-User-Id"], amount_cents=2500)
+    await pg.execute(
+        """
+        INSERT INTO payments (id, order_id, user_id, amount_cents, currency, provider, status,
+                              next_settle_at)
+        VALUES ($1, $2, $3, 2500, 'EUR', 'psp_sandbox', 'pending', now() + interval '1 hour')
+        """,
+        uuid.uuid4(),
+        order.id,
+        me["X-User-Id"],
+    )
+    assert_problem(await pay(api, me, order.id), 409, "order-not-payable")
+    assert standin.count("hold", order.id) == 1
+    assert standin.count("release", order.id) == 1
+    assert order.held_by is None
+    assert await charges_for_order(pg, psp, order.id) == (0, 0)
+
+
 async def test_unknown_order_is_404(api: httpx.AsyncClient, psp: httpx.AsyncClient) -> None:
     assert_problem(await pay(api, user(), uuid.uuid4()), 404, "not-found")
 
