@@ -293,6 +293,16 @@ class InventoryGate:
         """Drop the marker of a paid order (it can never be released)."""
         return bool(await self._forget(keys=[_keys(product_id)[2]], args=[rid]))
 
+    async def forget_many(self, items: Iterable[tuple[int, str]]) -> None:
+        """forget() for many (product id, reservation id) pairs in one pipeline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            count = 0
+            for product_id, rid in items:
+                await self._forget(keys=[_keys(product_id)[2]], args=[rid], client=pipe)
+                count += 1
+            if count:
+                await pipe.execute()
+
     async def adjust(self, *, product_id: int, delta: int) -> int | None:
         """Shift the gate stock by `delta` (the reconciler's repair of drift)."""
         result = await self._adjust(keys=[_keys(product_id)[0]], args=[delta])

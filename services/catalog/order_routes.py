@@ -11,9 +11,17 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from services.catalog import orders
 from services.catalog.domain import serialize
 from services.catalog.idempotency import SCOPE_CREATE_ORDER, request_hash, run_once
-from services.catalog.schemas import HoldRef, InternalOrder, Order, OrderIn, PaymentRef
+from services.catalog.schemas import (
+    HoldRef,
+    InternalOrder,
+    Order,
+    OrderIn,
+    OrderOutcomeResults,
+    OrderOutcomes,
+    PaymentRef,
+)
 from services.catalog.state import CatalogState
-from services.common.errors import PROBLEM_CONTENT_TYPE, problem_body
+from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from services.common.fastlane import (
     FastHandler,
     FastReply,
@@ -182,8 +190,35 @@ async def hold(request: FastRequest) -> FastReply:
 paid = _payment_step(orders.mark_order_paid)
 release = _payment_step(orders.release_hold)
 
+
+async def outcomes(request: FastRequest) -> FastReply:
+    """Many paid / release calls in one request and one transaction (the outbox relay's
+    batch); each item is answered as its own call would be."""
+    state: CatalogState = request.state
+    batch = parse_body(OrderOutcomes, request.body)
+    results = await orders.apply_payment_outcomes(
+        inv=state.inventory,
+        items=[(item.kind, item.order_id, item.payment_id) for item in batch.items],
+    )
+    docs = []
+    for item, result in zip(batch.items, results, strict=True):
+        doc: dict[str, Any] = {
+            "order_id": str(item.order_id),
+            "payment_id": str(item.payment_id),
+            "kind": item.kind,
+        }
+        if isinstance(result, Problem):
+            doc.update(status=result.status, order=None, problem=result.body())
+        else:
+            doc.update(status=200, order=orders.internal_order_document(result), problem=None)
+        docs.append(doc)
+    return FastReply(200, serialize({"results": docs}))
+
+
 INTERNAL = "/internal/v1/orders/{order_id}"
+OUTCOMES = "/internal/v1/order-outcomes"
 FAST_ROUTES = [
+    FastRoute("POST", OUTCOMES, outcomes),
     FastRoute("GET", INTERNAL, internal_order),
     FastRoute("POST", INTERNAL + "/hold", hold),
     FastRoute("POST", INTERNAL + "/paid", paid),
@@ -222,3 +257,10 @@ async def paid_order(request: Request, order_id: OrderIdPath, body: PaymentRef) 
 )
 async def release_order(request: Request, order_id: OrderIdPath, body: PaymentRef) -> Response:
     return await framework_reply(release, request, order_id=order_id)
+
+
+@internal_router.post(
+    "/order-outcomes", response_model=OrderOutcomeResults, responses={422: _422, 503: _503}
+)
+async def order_outcomes(request: Request, body: OrderOutcomes) -> Response:
+    return await framework_reply(outcomes, request)

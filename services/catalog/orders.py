@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +28,7 @@ from services.common.errors import (
     LimitExceeded,
     NotFound,
     OrderNotPayable,
+    Problem,
     SoldOut,
     UpstreamUnavailable,
 )
@@ -362,23 +363,62 @@ async def hold_order(
 
 async def mark_order_paid(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
     """The payment succeeded: the order becomes paid (idempotent per payment)."""
-    now = datetime.now(UTC)
-    async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
-        row = await _payable(conn, order_id, payment_id, now)
-        if row["status"] == "paid":
-            return row
-        paid = await storage.mark_paid(conn, order_id, payment_id=payment_id, now=now)
-    try:
-        await inv.gate.forget(product_id=row["product_id"], rid=str(order_id))
-    except RedisError:
-        log.warning("gate forget failed; the reconciler will", extra={"order_id": str(order_id)})
-    return paid
+    return _one(await apply_payment_outcomes(inv=inv, items=[("paid", order_id, payment_id)]))
 
 
 async def release_hold(*, inv: Inventory, order_id: UUID, payment_id: UUID) -> Any:
     """The payment failed: drop its hold (no-op unless this payment holds the order)."""
+    return _one(await apply_payment_outcomes(inv=inv, items=[("release", order_id, payment_id)]))
+
+
+def _one(results: list[Any]) -> Any:
+    (result,) = results
+    if isinstance(result, Problem):
+        raise result
+    return result
+
+
+async def apply_payment_outcomes(
+    *, inv: Inventory, items: Sequence[tuple[str, UUID, UUID]]
+) -> list[Any]:
+    """Apply payment outcomes, `(kind, order id, payment id)` with kind `paid` or
+    `release`, in one transaction, in the order given.
+
+    Each item gets what its own call would answer: the order row, or the NotFound /
+    OrderNotPayable problem (returned, not raised: the other items still apply).
+    `paid` turns a reserved order paid when this payment holds it, or when nobody does
+    and it has not expired (idempotent per payment); `release` drops this payment's
+    hold and is a no-op otherwise.
+    """
+    now = datetime.now(UTC)
+    results: list[Any] = []
+    newly_paid: list[Any] = []
     async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
-        row = await _locked(conn, order_id)
-        if row["status"] != "reserved" or row["held_by"] != payment_id:
-            return row
-        return await storage.set_hold(conn, order_id, payment_id=None, until=None)
+        locked = await storage.fetch_orders_for_update(conn, [order_id for _, order_id, _ in items])
+        rows = {row["id"]: row for row in locked}
+        for kind, order_id, payment_id in items:
+            row = rows.get(order_id)
+            if row is None:
+                results.append(NotFound(f"order {order_id} does not exist"))
+                continue
+            if kind == "paid":
+                why = _why_not_payable(row, payment_id, now)
+                if why is not None:
+                    results.append(_not_payable(order_id, why))
+                    continue
+                if row["status"] != "paid":
+                    row = await storage.mark_paid(conn, order_id, payment_id=payment_id, now=now)
+                    newly_paid.append(row)
+            elif row["status"] == "reserved" and row["held_by"] == payment_id:
+                row = await storage.set_hold(conn, order_id, payment_id=None, until=None)
+            rows[order_id] = row
+            results.append(row)
+    if newly_paid:
+        try:
+            await inv.gate.forget_many((row["product_id"], str(row["id"])) for row in newly_paid)
+        except RedisError:
+            log.warning(
+                "gate forget failed; the reconciler will",
+                extra={"order_ids": [str(row["id"]) for row in newly_paid]},
+            )
+    return results

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
@@ -104,3 +104,38 @@ class HoldRef(PaymentRef):
     amount and holds the order in one call."""
 
     user_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+MAX_OUTCOMES = 500
+
+
+class OrderOutcome(PaymentRef):
+    """One payment outcome for the catalog: `paid` (charge succeeded) or `release`
+    (charge failed: drop the payment's hold)."""
+
+    order_id: UUID
+    kind: Literal["paid", "release"]
+
+
+class OrderOutcomes(BaseModel):
+    """Body of POST /internal/v1/order-outcomes: the payment outbox's batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[OrderOutcome] = Field(min_length=1, max_length=MAX_OUTCOMES)
+
+
+class OrderOutcomeResult(BaseModel):
+    """What one item got: `status` 200 with the order, or 404 / 409 with the problem
+    its own paid / release call would have answered."""
+
+    order_id: UUID
+    payment_id: UUID
+    kind: Literal["paid", "release"]
+    status: int
+    order: InternalOrder | None
+    problem: dict[str, Any] | None
+
+
+class OrderOutcomeResults(BaseModel):
+    results: list[OrderOutcomeResult]

@@ -1,16 +1,18 @@
 """The catalog's internal order API (never routed by the gateway).
 
-POST /internal/v1/orders/{id}/hold, .../paid, .../release with {"payment_id"}
-(hold also takes the paying "user_id"). hold, paid and release are idempotent for
-one payment id, so every call here may be repeated safely.
+POST /internal/v1/orders/{id}/hold and .../release with {"payment_id"} (hold also
+takes the paying "user_id"), and POST /internal/v1/order-outcomes with a batch of
+paid / release outcomes. Each is idempotent for one payment id, so every call here
+may be repeated safely.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -33,6 +35,27 @@ class Order(BaseModel):
     currency: str
     expires_at: datetime | None = None
     held_by: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class OutcomeResult:
+    """The catalog's answer to one outcome: 200, or 404 / 409 with its problem (`reply`)."""
+
+    status: int
+    reply: str
+
+
+class _OutcomeResultDoc(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: int
+    problem: dict[str, Any] | None = None
+
+
+class _OutcomeResults(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    results: list[_OutcomeResultDoc]
 
 
 class CatalogUnavailable(Exception):
@@ -69,7 +92,7 @@ class CatalogClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> bytes:
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
         data = orjson.dumps(body) if body is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else None
         for attempt in (1, 2):
@@ -95,7 +118,7 @@ class CatalogClient:
                 raise CatalogUnavailable("catalog is unreachable", reply=repr(exc)) from exc
         raise AssertionError("unreachable")
 
-    async def _order(self, method: str, path: str, body: dict[str, str] | None = None) -> Order:
+    async def _order(self, method: str, path: str, body: dict[str, Any] | None = None) -> Order:
         payload = await self._call(method, path, body)
         try:
             return Order.model_validate_json(payload)
@@ -117,10 +140,36 @@ class CatalogClient:
             body["user_id"] = user_id
         return await self._order("POST", f"/internal/v1/orders/{order_id}/hold", body)
 
-    async def mark_paid(self, order_id: uuid.UUID, payment_id: uuid.UUID) -> None:
-        await self._call(
-            "POST", f"/internal/v1/orders/{order_id}/paid", {"payment_id": str(payment_id)}
-        )
+    async def apply_outcomes(
+        self, items: list[tuple[str, uuid.UUID, uuid.UUID]]
+    ) -> list[OutcomeResult]:
+        """Deliver `(kind, order id, payment id)` outcomes (`paid` / `release`) in one
+        request; the catalog answers each as its own call would (200, 404 or 409)."""
+        body = {
+            "items": [
+                {"kind": kind, "order_id": str(order_id), "payment_id": str(payment_id)}
+                for kind, order_id, payment_id in items
+            ]
+        }
+        payload = await self._call("POST", "/internal/v1/order-outcomes", body)
+        try:
+            results = _OutcomeResults.model_validate_json(payload).results
+        except ValidationError as exc:
+            raise CatalogUnavailable(
+                "catalog sent unreadable outcomes", reply=payload[:500].decode("utf-8", "replace")
+            ) from exc
+        if len(results) != len(items):
+            raise CatalogUnavailable(
+                f"catalog answered {len(results)} outcomes for {len(items)}",
+                reply=payload[:500].decode("utf-8", "replace"),
+            )
+        return [
+            OutcomeResult(
+                r.status,
+                "" if r.problem is None else orjson.dumps(r.problem).decode()[:500],
+            )
+            for r in results
+        ]
 
     async def release(self, order_id: uuid.UUID, payment_id: uuid.UUID) -> None:
         await self._call(

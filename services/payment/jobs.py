@@ -99,57 +99,73 @@ async def settle_payment(state: PaymentState, payment: Any) -> int:
 
 
 async def relay_outbox(state: PaymentState) -> int:
-    """Deliver due outbox messages to the catalog (at least once); return how many went."""
+    """Deliver due outbox messages to the catalog (at least once); return how many went.
+
+    Every message claimed together goes in one request (the catalog applies them in one
+    transaction and answers each as its own call would), so under load the relay's cost
+    per message shrinks as batches grow.
+    """
     cfg = state.config
     rows = await storage.claim_outbox(
         state.db, limit=cfg.payment_outbox_batch, lease_s=cfg.catalog_timeout_s * 2 + 1
     )
     if not rows:
         return 0
-    results = await asyncio.gather(*(deliver(state, row) for row in rows))
-    delivered = [row["id"] for row, ok in zip(rows, results, strict=True) if ok]
+    items = [(row["kind"], row["order_id"], row["payment_id"]) for row in rows]
+    try:
+        results = await state.catalog.apply_outcomes(items)
+    except (CatalogUnavailable, CatalogRefused) as exc:
+        # The batch as a whole did not arrive (a refusal of the batch itself, such as a
+        # catalog without the route, is not a refusal of its messages): retry each later.
+        for row in rows:
+            await _retry_later(state, row, error=str(exc), reply=exc.reply)
+        return 0
+    delivered: list[int] = []
+    for row, result in zip(rows, results, strict=True):
+        if result.status == 200:
+            OUTBOX_DELIVERIES.labels(row["kind"], "delivered").inc()
+            delivered.append(row["id"])
+        elif result.status in (404, 409):
+            await _refused(state, row, reply=result.reply)
+        else:
+            await _retry_later(
+                state, row, error=f"catalog answered {result.status}", reply=result.reply
+            )
     if delivered:
         await storage.outbox_delivered(state.db, delivered)
     return len(delivered)
 
 
-async def deliver(state: PaymentState, message: Any) -> bool:
-    """Send one outbox message; True when the catalog took it (the caller records that)."""
-    kind: str = message["kind"]
-    context = {
+def _context(message: Any) -> dict[str, Any]:
+    return {
         "order_id": str(message["order_id"]),
         "payment_id": str(message["payment_id"]),
-        "kind": kind,
+        "kind": message["kind"],
         "attempts": message["attempts"],
     }
-    try:
-        if kind == "paid":
-            await state.catalog.mark_paid(message["order_id"], message["payment_id"])
-        else:
-            await state.catalog.release(message["order_id"], message["payment_id"])
-    except CatalogUnavailable as exc:
-        delay = min(state.config.payment_outbox_max_backoff_s, 0.2 * 2 ** message["attempts"])
-        log.warning(
-            "outbox delivery failed; will retry",
-            extra={**context, "error": str(exc), "reply": exc.reply, "retry_in_s": delay},
-        )
-        OUTBOX_DELIVERIES.labels(kind, "retry").inc()
-        await storage.outbox_retry_later(
-            state.db, outbox_id=message["id"], delay_s=delay, error=f"{exc} {exc.reply}"
-        )
-        return False
-    except CatalogRefused as exc:
-        # The catalog will never take it (the order expired, or another payment paid it):
-        # a charged payment then needs a refund, which is for a person to decide.
-        log.error("outbox message refused by the catalog", extra={**context, "reply": exc.reply})
-        OUTBOX_DELIVERIES.labels(kind, "refused").inc()
-        async with state.db.acquire() as conn, conn.transaction():
-            await storage.outbox_dead(conn, outbox_id=message["id"], error=exc.reply)
-            if kind == "paid":
-                await storage.mark_refund_required(conn, message["payment_id"])
-        return False
-    OUTBOX_DELIVERIES.labels(kind, "delivered").inc()
-    return True
+
+
+async def _retry_later(state: PaymentState, message: Any, *, error: str, reply: str) -> None:
+    delay = min(state.config.payment_outbox_max_backoff_s, 0.2 * 2 ** message["attempts"])
+    log.warning(
+        "outbox delivery failed; will retry",
+        extra={**_context(message), "error": error, "reply": reply, "retry_in_s": delay},
+    )
+    OUTBOX_DELIVERIES.labels(message["kind"], "retry").inc()
+    await storage.outbox_retry_later(
+        state.db, outbox_id=message["id"], delay_s=delay, error=f"{error} {reply}"
+    )
+
+
+async def _refused(state: PaymentState, message: Any, *, reply: str) -> None:
+    """The catalog will never take it (the order expired, or another payment paid it):
+    a charged payment then needs a refund, which is for a person to decide."""
+    log.error("outbox message refused by the catalog", extra={**_context(message), "reply": reply})
+    OUTBOX_DELIVERIES.labels(message["kind"], "refused").inc()
+    async with state.db.acquire() as conn, conn.transaction():
+        await storage.outbox_dead(conn, outbox_id=message["id"], error=reply)
+        if message["kind"] == "paid":
+            await storage.mark_refund_required(conn, message["payment_id"])
 
 
 async def expire_keys(state: PaymentState) -> int:

@@ -222,3 +222,84 @@ async def test_hold_with_user_id_refuses_anyone_but_the_owner(orders_app: Orders
     for bad in ("", 5, "u" * 201):
         resp = await orders_app.client.post(path, json={"payment_id": payment, "user_id": bad})
         assert_problem(resp, 422, "validation-error")
+
+
+async def test_order_outcomes_answer_each_item_as_its_own_call(orders_app: OrdersApp) -> None:
+    """One batch: paid for a held order, paid for an order another payment holds (409),
+    an unknown order (404), a release, and on one order a release of one payment then
+    a paid by another, applied in the order given."""
+    pid, held, _ = await _reserve(orders_app)
+    _, contested, _ = await _reserve(orders_app)
+    _, handed_over, _ = await _reserve(orders_app)
+    p1, p2, p3, p4 = (str(uuid.uuid4()) for _ in range(4))
+    await call(orders_app, held, "hold", p1)
+    await call(orders_app, contested, "hold", p2)
+    await call(orders_app, handed_over, "hold", p3)
+    unknown = str(uuid.uuid4())
+    items = [
+        {"kind": "paid", "order_id": held, "payment_id": p1},
+        {"kind": "paid", "order_id": contested, "payment_id": p4},
+        {"kind": "paid", "order_id": unknown, "payment_id": p4},
+        {"kind": "release", "order_id": handed_over, "payment_id": p3},
+        {"kind": "paid", "order_id": handed_over, "payment_id": p4},
+    ]
+    resp = await orders_app.client.post("/internal/v1/order-outcomes", json={"items": items})
+    assert resp.status_code == 200
+    results = resp.json()["results"]
+    assert [(r["order_id"], r["kind"], r["status"]) for r in results] == [
+        (held, "paid", 200),
+        (contested, "paid", 409),
+        (unknown, "paid", 404),
+        (handed_over, "release", 200),
+        (handed_over, "paid", 200),
+    ]
+    assert results[0]["order"]["status"] == "paid"
+    assert results[0]["problem"] is None
+    assert results[1]["order"] is None
+    assert results[1]["problem"]["type"].endswith("/order-not-payable")
+    assert results[2]["problem"]["type"].endswith("/not-found")
+    assert results[3]["order"]["held_by"] is None
+    assert results[4]["order"]["held_by"] == p4  # the payment that paid it
+    # The same answers as the single calls, and the batch is idempotent.
+    assert (await call(orders_app, held, "paid", p1)).json() == results[0]["order"]
+    again = await orders_app.client.post("/internal/v1/order-outcomes", json={"items": items})
+    assert [r["status"] for r in again.json()["results"]] == [200, 409, 404, 200, 200]
+    contested_doc = (await orders_app.client.get(f"/internal/v1/orders/{contested}")).json()
+    assert (contested_doc["status"], contested_doc["held_by"]) == ("reserved", p2)
+    await assert_consistent(orders_app.inv, pid)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"items": []},
+        {
+            "items": [
+                {"kind": "refund", "order_id": str(uuid.uuid4()), "payment_id": str(uuid.uuid4())}
+            ]
+        },
+        {"items": [{"kind": "paid", "order_id": "nope", "payment_id": str(uuid.uuid4())}]},
+        {"items": [{"kind": "paid", "order_id": str(uuid.uuid4())}]},
+        {
+            "items": [
+                {
+                    "kind": "paid",
+                    "order_id": str(uuid.uuid4()),
+                    "payment_id": str(uuid.uuid4()),
+                    "x": 1,
+                }
+            ]
+        },
+        {
+            "items": [
+                {"kind": "release", "order_id": str(uuid.uuid4()), "payment_id": str(uuid.uuid4())}
+            ]
+            * 501
+        },
+        {"things": []},
+        [],
+    ],
+)
+async def test_order_outcomes_refuse_a_bad_batch_whole(orders_app: OrdersApp, body: Any) -> None:
+    resp = await orders_app.client.post("/internal/v1/order-outcomes", json=body)
+    assert_problem(resp, 422, "validation-error")

@@ -9,6 +9,8 @@ payment's tests control orders (status, holds, outages) directly:
   order-not-payable if not reserved or held by another payment (a hold lapses after 10 min)
 - POST /internal/v1/orders/{id}/paid       {"payment_id"}: 200 (idempotent); 409 otherwise
 - POST /internal/v1/orders/{id}/release    {"payment_id"}: 200, drops that payment's hold
+- POST /internal/v1/order-outcomes        {"items": [{kind, order_id, payment_id}]}: 200 with
+  each item's answer as its own paid / release call would give it
 """
 
 from __future__ import annotations
@@ -25,11 +27,21 @@ from aiohttp import web
 HOLD_LAPSE_S = 600.0
 
 
+Answer = tuple[int, dict[str, Any]]  # (status, order document or problem document)
+
+
+def problem_doc(status: int, code: str, detail: str) -> Answer:
+    return status, {"type": f"/problems/{code}", "title": code, "status": status, "detail": detail}
+
+
 def problem(status: int, code: str, detail: str) -> web.Response:
-    body = {"type": f"/problems/{code}", "title": code, "status": status, "detail": detail}
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/problem+json"
-    )
+    return respond(problem_doc(status, code, detail))
+
+
+def respond(answer: Answer) -> web.Response:
+    status, body = answer
+    kind = "application/json" if status == 200 else "application/problem+json"
+    return web.Response(body=orjson.dumps(body), status=status, content_type=kind)
 
 
 @dataclass
@@ -107,6 +119,7 @@ class CatalogStandIn:
         app.router.add_get("/healthz", self._health)
         app.router.add_get("/internal/v1/orders/{id}", self._get)
         app.router.add_post("/internal/v1/orders/{id}/{action}", self._action)
+        app.router.add_post("/internal/v1/order-outcomes", self._outcomes)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
@@ -157,36 +170,72 @@ class CatalogStandIn:
             return problem(404, "not-found", "order not found")
         self.calls.append((action, order.id, payment_id))
         if action == "hold":
-            return self._hold(order, payment_id)
+            return respond(self._hold(order, payment_id))
         if action == "paid":
-            return self._paid(order, payment_id)
-        if order.held_by == payment_id:
-            order.held_by = None
-        return web.json_response(order.document())
+            return respond(self._paid(order, payment_id))
+        return respond(self._release(order, payment_id))
 
-    def _hold(self, order: StandInOrder, payment_id: uuid.UUID) -> web.Response:
+    async def _outcomes(self, request: web.Request) -> web.Response:
+        """The batch: each item answered as its own paid / release call would be."""
+        try:
+            items = orjson.loads(await request.read())["items"]
+            parsed = [
+                (item["kind"], uuid.UUID(item["order_id"]), uuid.UUID(item["payment_id"]))
+                for item in items
+            ]
+            if not parsed or any(kind not in ("paid", "release") for kind, _, _ in parsed):
+                raise ValueError("bad kind")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return problem(422, "validation-error", "body must be {items: [...]}")
+        results = []
+        for kind, order_id, payment_id in parsed:
+            order = self.orders.get(order_id)
+            if order is None:
+                status, doc = problem_doc(404, "not-found", "order not found")
+            else:
+                self.calls.append((kind, order.id, payment_id))
+                step = self._paid if kind == "paid" else self._release
+                status, doc = step(order, payment_id)
+            results.append(
+                {
+                    "order_id": str(order_id),
+                    "payment_id": str(payment_id),
+                    "kind": kind,
+                    "status": status,
+                    "order": doc if status == 200 else None,
+                    "problem": None if status == 200 else doc,
+                }
+            )
+        return web.json_response({"results": results})
+
+    def _hold(self, order: StandInOrder, payment_id: uuid.UUID) -> Answer:
         if order.status == "paid" and order.paid_by == payment_id:
-            return web.json_response(order.document())  # a retried hold after success
+            return 200, order.document()  # a retried hold after success
         if order.status != "reserved":
-            return problem(409, "order-not-payable", f"order is {order.status}")
+            return problem_doc(409, "order-not-payable", f"order is {order.status}")
         if order.hold_active() and order.held_by != payment_id:
-            return problem(409, "order-not-payable", "order is held by another payment")
+            return problem_doc(409, "order-not-payable", "order is held by another payment")
         if order.past_expiry() and order.held_by != payment_id:
-            return problem(409, "order-not-payable", "order is about to expire")
+            return problem_doc(409, "order-not-payable", "order is about to expire")
         order.held_by = payment_id
         order.held_until = time.monotonic() + HOLD_LAPSE_S
-        return web.json_response(order.document())
+        return 200, order.document()
 
-    def _paid(self, order: StandInOrder, payment_id: uuid.UUID) -> web.Response:
+    def _paid(self, order: StandInOrder, payment_id: uuid.UUID) -> Answer:
         if order.status == "paid" and order.paid_by == payment_id:
-            return web.json_response(order.document())
+            return 200, order.document()
         if order.status != "reserved":
-            return problem(409, "order-not-payable", f"order is {order.status}")
+            return problem_doc(409, "order-not-payable", f"order is {order.status}")
         mine = order.held_by == payment_id  # even if the hold lapsed: units still reserved
         unheld = not order.hold_active() and not order.past_expiry()
         if not (mine or unheld):
-            return problem(409, "order-not-payable", "order is held by another payment")
+            return problem_doc(409, "order-not-payable", "order is held by another payment")
         order.status = "paid"
         order.paid_by = payment_id
         order.held_by = None
-        return web.json_response(order.document())
+        return 200, order.document()
+
+    def _release(self, order: StandInOrder, payment_id: uuid.UUID) -> Answer:
+        if order.held_by == payment_id:
+            order.held_by = None
+        return 200, order.document()

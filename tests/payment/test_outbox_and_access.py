@@ -50,6 +50,47 @@ async def test_outbox_survives_a_catalog_outage(
     assert await charges_for_order(pg, psp, order.id) == (1, 1)
 
 
+async def test_a_paid_message_the_catalog_refuses_is_dead_and_flags_a_refund(
+    api: httpx.AsyncClient, psp: httpx.AsyncClient, standin: CatalogStandIn, pg: asyncpg.Connection
+) -> None:
+    """The order lapsed while its charge was in flight: the catalog will never take the
+    `paid` message. The relay stops retrying it and marks the payment for a refund,
+    while the other payments of the same moment are delivered as usual."""
+    me = user()
+    doomed, fine = standin.add_order(me["X-User-Id"]), standin.add_order(me["X-User-Id"])
+    await psp.post("/_sandbox/faults", json={"latency_ms": 500, "callback_drop_rate": 1.0})
+    paying = [asyncio.create_task(pay(api, me, o.id)) for o in (doomed, fine)]
+    await wait_until(lambda: standin.count("hold", doomed.id) == 1, timeout_s=3.0)
+    doomed.status = "expired"  # the catalog's sweeper, say, once the hold had lapsed
+    replies = [await task for task in paying]
+    assert [r.json()["status"] for r in replies] == ["succeeded", "succeeded"]
+    doomed_id = uuid.UUID(replies[0].json()["id"])
+
+    async def dead() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT dead_at IS NOT NULL FROM payment_outbox "
+                "WHERE payment_id = $1 AND kind = 'paid'",
+                doomed_id,
+            )
+        )
+
+    await wait_until(dead, timeout_s=3.0, interval_s=0.05)
+    await wait_until(lambda: fine.status == "paid", timeout_s=2.0)
+    row = await pg.fetchrow(
+        "SELECT p.refund_required, o.delivered_at, o.last_error FROM payments p "
+        "JOIN payment_outbox o ON o.payment_id = p.id WHERE p.id = $1",
+        doomed_id,
+    )
+    assert row["refund_required"] is True
+    assert row["delivered_at"] is None
+    assert "order-not-payable" in row["last_error"]
+    assert doomed.status == "expired"
+    attempts = standin.count("paid", doomed.id)
+    await asyncio.sleep(0.5)
+    assert standin.count("paid", doomed.id) == attempts == 1  # never retried
+
+
 async def test_pay9_other_users_payments_and_orders_are_404(
     api: httpx.AsyncClient, psp: httpx.AsyncClient, standin: CatalogStandIn
 ) -> None:

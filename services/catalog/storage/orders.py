@@ -85,6 +85,17 @@ async def fetch_order(conn: Executor, order_id: UUID, *, for_update: bool = Fals
     )
 
 
+async def fetch_orders_for_update(conn: Connection, order_ids: list[UUID]) -> list[Any]:
+    """Lock several orders, in id order (so two batches never wait on each other in a
+    cycle); missing ids are simply absent."""
+    count_queries()
+    return await conn.fetch(
+        f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY($1::uuid[]) "  # noqa: S608
+        "ORDER BY id FOR UPDATE",
+        sorted(set(order_ids)),
+    )
+
+
 async def close_order(conn: Connection, row: Any, *, status: str, now: datetime) -> Any:
     """Cancel a locked reserved order and return its units (stock and the user's count)."""
     count_queries(3)
