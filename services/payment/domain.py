@@ -51,6 +51,11 @@ def earlier_statuses(target: str) -> list[str]:
     return [status for status, rank in RANK.items() if rank < RANK[target]]
 
 
+def at_or_past(target: str) -> list[str]:
+    """The statuses from which `target` is no move forward (the payment is there or past)."""
+    return [status for status, rank in RANK.items() if rank >= RANK[target]]
+
+
 def payment_document(row: Any) -> dict[str, Any]:
     return {
         "id": str(row["id"]),
@@ -74,6 +79,7 @@ async def apply_outcome(
     charge_id: str | None,
     reason: str | None,
     source: str,
+    answer: storage.KeyAnswer | None = None,
 ) -> Any:
     """Move a payment forward and queue its catalog message, in one statement.
 
@@ -88,6 +94,7 @@ async def apply_outcome(
         charge_id=charge_id,
         failure_reason=reason,
         outbox_kind=outbox_kind,
+        answer=answer,
     )
     if row is None:
         return None
@@ -123,22 +130,34 @@ async def record_outcome(
         if changed is not None and status in FINAL:
             state.outbox_wakeup.set()
         return row
+    # Usually the payment moves: then one statement moves it, queues its outbox message
+    # and stores the reply under the key (the reply is known beforehand: the document
+    # of the payment at `status`).
+    expected = payment_body({**dict(payment), "status": status})
+    answer = storage.KeyAnswer(
+        claim.user_id, claim.key, 201, orjson.dumps(JSON_HEADERS).decode(), expected
+    )
+    changed = await apply_outcome(
+        state.db,
+        payment_id=payment["id"],
+        order_id=payment["order_id"],
+        status=status,
+        charge_id=charge_id,
+        reason=reason,
+        source=source,
+        answer=answer,
+    )
+    if changed is not None:
+        if status in FINAL:
+            state.outbox_wakeup.set()
+        return changed
+    # It was already at or past `status` (a callback or the settle job came first):
+    # store the reply as the payment is now.
     async with state.db.acquire() as conn, conn.transaction():
-        changed = await apply_outcome(
-            conn,
-            payment_id=payment["id"],
-            order_id=payment["order_id"],
-            status=status,
-            charge_id=charge_id,
-            reason=reason,
-            source=source,
-        )
-        row = changed if changed is not None else await storage.fetch_payment(conn, payment["id"])
+        row = await storage.fetch_payment(conn, payment["id"])
         await idempotency.complete(
             conn, claim, StoredResponse(201, JSON_HEADERS, payment_body(row))
         )
-    if changed is not None and status in FINAL:
-        state.outbox_wakeup.set()
     return row
 
 

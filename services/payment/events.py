@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from services.payment import storage
-from services.payment.domain import apply_outcome
+from services.payment.domain import apply_outcome, at_or_past
 from services.payment.metrics import WEBHOOKS
 from services.payment.schemas import CallbackEvent
 from services.payment.state import PaymentState
@@ -29,11 +29,28 @@ async def process_event(state: PaymentState, event: CallbackEvent) -> str:
         "charge_id": data.charge_id,
     }
     status = OUTCOMES.get(event.type)
-    if event.id in state.recorded_events or await storage.event_seen(state.db, event.id):
+    if event.id in state.recorded_events:
         # A recorded event committed together with its effect: nothing left to do.
-        state.recorded_events.add(event.id)
         WEBHOOKS.labels("duplicate").inc()
         return "duplicate"
+    if status is not None:
+        # The usual case: the charge's own reply already settled the payment, so the
+        # event only needs recording (one statement, no transaction).
+        settled, fresh = await storage.record_settled_event(
+            state.db,
+            event_id=event.id,
+            type_=event.type,
+            payment_id=data.payment_id,
+            charge_id=data.charge_id,
+            created=event.created,
+            settled=at_or_past(status),
+            amount_cents=data.amount_cents,
+            currency=data.currency,
+        )
+        if settled:
+            state.recorded_events.add(event.id)
+            WEBHOOKS.labels("stale" if fresh else "duplicate").inc()
+            return "processed" if fresh else "duplicate"
     outcome = await _record_and_apply(state, event, status, context)
     # Recorded now (by this call or by a concurrent twin): later deliveries skip the query.
     state.recorded_events.add(event.id)

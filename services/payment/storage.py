@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.db import Connection, Executor
@@ -166,6 +167,46 @@ async def fetch_user_payment(conn: Executor, *, payment_id: uuid.UUID, user_id: 
     )
 
 
+_TRANSITION = f"""
+    WITH moved AS (
+        UPDATE payments SET
+            status = $2,
+            charge_id = COALESCE($4, charge_id),
+            failure_reason = CASE WHEN $2 = 'failed' THEN $5 ELSE NULL END,
+            updated_at = clock_timestamp(),
+            settled_at = CASE WHEN $2 IN ('succeeded', 'failed')
+                              THEN clock_timestamp() ELSE settled_at END
+        WHERE id = $1 AND status = ANY($3::text[])
+        RETURNING {_PAYMENT}
+    ), queued AS (
+        INSERT INTO payment_outbox (payment_id, order_id, kind)
+        SELECT id, order_id, $6::text FROM moved WHERE $6::text IS NOT NULL
+        ON CONFLICT (payment_id, kind) DO NOTHING
+    )
+"""  # noqa: S608
+
+_ANSWERED = """
+    , answered AS (
+        UPDATE payment_idempotency_keys
+        SET response_status = $9, response_headers = $10::jsonb, response_body = $11,
+            completed_at = clock_timestamp(), locked_at = NULL
+        WHERE user_id = $7 AND key = $8 AND completed_at IS NULL
+          AND EXISTS (SELECT 1 FROM moved)
+    )
+"""
+
+
+@dataclass(frozen=True)
+class KeyAnswer:
+    """The response to store under an idempotency key if (and only if) the payment moves."""
+
+    user_id: str
+    key: str
+    status: int
+    headers: str  # JSON object
+    body: bytes
+
+
 async def transition(
     conn: Executor,
     *,
@@ -175,35 +216,17 @@ async def transition(
     charge_id: str | None,
     failure_reason: str | None,
     outbox_kind: str | None,
+    answer: KeyAnswer | None = None,
 ) -> Any:
     """Move a payment to `status` if it is in one of `from_statuses`, queueing its outbox
-    message in the same statement (so atomically); None when it did not move."""
-    return await conn.fetchrow(
-        f"""
-        WITH moved AS (
-            UPDATE payments SET
-                status = $2,
-                charge_id = COALESCE($4, charge_id),
-                failure_reason = CASE WHEN $2 = 'failed' THEN $5 ELSE NULL END,
-                updated_at = clock_timestamp(),
-                settled_at = CASE WHEN $2 IN ('succeeded', 'failed')
-                                  THEN clock_timestamp() ELSE settled_at END
-            WHERE id = $1 AND status = ANY($3::text[])
-            RETURNING {_PAYMENT}
-        ), queued AS (
-            INSERT INTO payment_outbox (payment_id, order_id, kind)
-            SELECT id, order_id, $6::text FROM moved WHERE $6::text IS NOT NULL
-            ON CONFLICT (payment_id, kind) DO NOTHING
-        )
-        SELECT * FROM moved
-        """,  # noqa: S608
-        payment_id,
-        status,
-        from_statuses,
-        charge_id,
-        failure_reason,
-        outbox_kind,
-    )
+    message (and storing `answer` under its idempotency key) in the same statement, so
+    atomically; None when it did not move (then nothing is written)."""
+    args: list[Any] = [payment_id, status, from_statuses, charge_id, failure_reason, outbox_kind]
+    sql = _TRANSITION
+    if answer is not None:
+        sql += _ANSWERED
+        args += [answer.user_id, answer.key, answer.status, answer.headers, answer.body]
+    return await conn.fetchrow(sql + "SELECT * FROM moved", *args)  # noqa: S608
 
 
 async def note_charge_attempt(
@@ -272,13 +295,50 @@ async def insert_event(
     return bool(inserted)
 
 
-async def event_seen(conn: Executor, event_id: str) -> bool:
-    """True when the event was recorded (and so applied, in that same transaction)."""
-    return bool(
-        await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM payment_psp_events WHERE event_id = $1)", event_id
+async def record_settled_event(
+    conn: Executor,
+    *,
+    event_id: str,
+    type_: str,
+    payment_id: uuid.UUID,
+    charge_id: str | None,
+    created: int,
+    settled: list[str],
+    amount_cents: int,
+    currency: str,
+) -> tuple[bool, bool]:
+    """Record an event about a payment that is already in one of `settled` (so the event
+    has nothing left to do) with the matching amount, in one statement.
+
+    Returns (settled, fresh): settled False means nothing was written (the payment is
+    elsewhere, unknown or mismatched: take the full path); fresh False means the event
+    id was recorded before (waits for a concurrent twin's commit).
+    """
+    row = await conn.fetchrow(
+        """
+        WITH p AS (
+            SELECT 1 FROM payments
+            WHERE id = $3 AND status = ANY($6::text[]) AND amount_cents = $7 AND currency = $8
+        ), ev AS (
+            INSERT INTO payment_psp_events (event_id, type, payment_id, charge_id, created,
+                                            applied)
+            SELECT $1, $2, $3, $4, $5, false WHERE EXISTS (SELECT 1 FROM p)
+            ON CONFLICT (event_id) DO NOTHING
+            RETURNING 1
         )
+        SELECT EXISTS (SELECT 1 FROM p) AS settled, EXISTS (SELECT 1 FROM ev) AS fresh
+        """,
+        event_id,
+        type_,
+        payment_id,
+        charge_id,
+        created,
+        settled,
+        amount_cents,
+        currency,
     )
+    assert row is not None  # a SELECT without FROM always yields its one row
+    return bool(row["settled"]), bool(row["fresh"])
 
 
 async def mark_event_applied(conn: Connection, event_id: str) -> None:

@@ -175,6 +175,33 @@ async def test_pay6_same_event_ten_times_has_one_effect(
     assert standin.count("paid", order.id) == 1
 
 
+async def test_pay6_twins_of_an_event_about_a_settled_payment_record_it_once(
+    api: httpx.AsyncClient, standin: CatalogStandIn, pg: asyncpg.Connection
+) -> None:
+    """The usual callback: the charge's reply already settled the payment, so the event
+    is only recorded (one statement). Concurrent twins still record it once."""
+    payment_id, order = await pending_payment(pg, standin, "u-pay6t-" + uuid.uuid4().hex[:6])
+    first = event(payment_id, "succeeded", amount_cents=order.amount_cents)
+    assert (await send(api, first)).json() == {"status": "processed"}
+    for kind in ("succeeded", "failed"):  # a confirmation, then a late decline
+        body = event(payment_id, kind, amount_cents=order.amount_cents)
+        replies = await asyncio.gather(*(send(api, body) for _ in range(10)))
+        outcomes = sorted(r.json()["status"] for r in replies)
+        assert outcomes == ["duplicate"] * 9 + ["processed"]
+    rows = await pg.fetch(
+        "SELECT type, applied FROM payment_psp_events WHERE payment_id = $1 ORDER BY received_at",
+        payment_id,
+    )
+    assert [(r["type"], r["applied"]) for r in rows] == [
+        ("charge.succeeded", True),
+        ("charge.succeeded", False),
+        ("charge.failed", False),
+    ]
+    assert await status_of(pg, payment_id) == "succeeded"
+    kinds = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
+    assert [r["kind"] for r in kinds] == ["paid"]
+
+
 async def test_pay6_failed_then_succeeded_ends_succeeded(
     api: httpx.AsyncClient, standin: CatalogStandIn, pg: asyncpg.Connection
 ) -> None:
