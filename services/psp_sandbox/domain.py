@@ -22,7 +22,7 @@ from services.psp_sandbox.schemas import (
     FaultsOut,
 )
 from services.psp_sandbox.settings import SandboxSettings
-from services.psp_sandbox.store import SandboxStore
+from services.psp_sandbox.store import Callback, ChargeWrite, SandboxStore
 from services.psp_sandbox.webhooks import charge_event
 
 log = logging.getLogger("shopstack.psp_sandbox")
@@ -48,6 +48,7 @@ class ChargeOutcome:
     charge: Charge
     created: bool
     fault: Fault | None
+    body: bytes  # the charge as stored (its JSON)
 
 
 def env_faults(settings: SandboxSettings) -> Faults:
@@ -108,64 +109,125 @@ def pick_fault(faults: Faults, rng: random.Random) -> Fault | None:
     return None
 
 
+class FaultsInForce:
+    """The merged faults for the last run-time override read from Redis, parsed once per
+    change: a charge is planned with them, and the store checks they still hold."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.raw = b""  # no override stored
+        self.faults = merged_faults(settings, {})
+
+    def given(self, raw: bytes) -> Faults:
+        """The faults for the raw override `raw` (b"": none)."""
+        if raw != self.raw:
+            loaded = orjson.loads(raw) if raw else {}
+            self.faults = merged_faults(self.settings, loaded if isinstance(loaded, dict) else {})
+            self.raw = raw
+        return self.faults
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The charge a request makes and the callbacks it causes if the charge is new."""
+
+    fault: Fault | None
+    charge: Charge
+    body: bytes  # the charge's JSON, as stored and answered
+    callbacks: tuple[Callback, ...]
+    dropped: bool  # no callback, on purpose
+
+
 async def create_charge(
     *,
     store: SandboxStore,
-    settings: SandboxSettings,
+    in_force: FaultsInForce,
     rng: random.Random,
     data: ChargeIn,
     idempotency_key: str | None,
 ) -> ChargeOutcome:
-    """Charge once per idempotency key; faults decide how the request goes wrong."""
-    override, queued = await store.begin_request(data.reference)
-    faults = merged_faults(settings, override)
-    if faults.latency_ms:
-        await asyncio.sleep(faults.latency_ms / 1000)
-    fault: Fault | None = queued if queued is not None else pick_fault(faults, rng)  # type: ignore[assignment]
-    if fault == "reject":
-        raise ChargeRejected("the provider rejected the charge request")
-    if fault == "error":
-        raise ProviderError("the provider failed; nothing was charged")
+    """Charge once per idempotency key; faults decide how the request goes wrong.
 
-    charge_id = "ch_" + uuid.uuid4().hex
+    The request is planned with the faults last seen and sent in one round trip that
+    counts it, checks those faults still hold (and none is queued) and then writes the
+    charge. Otherwise (other faults, a queued fault, a latency to wait between counting
+    and charging) the counted request is decided and written in a second round trip.
+    """
+    fprint = fingerprint(data)
+    faults = in_force.faults
+    planned_raw = in_force.raw
+    fault = pick_fault(faults, rng)
+    plan: _Plan | None = None
+    if not faults.latency_ms and fault not in ("reject", "error"):
+        plan = _plan(data, faults, fault, rng)
+    result = await store.charge_request(
+        reference=data.reference,
+        planned_faults=planned_raw,
+        write=None if plan is None else _write(plan, idempotency_key, fprint, data.reference),
+    )
+    outcome = result.outcome
+    stored = result.charge
+    if plan is None or outcome == "stale":
+        if outcome == "stale":
+            faults = in_force.given(result.faults)
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        if outcome == "stale":
+            fault = result.queued if result.queued is not None else pick_fault(faults, rng)  # type: ignore[assignment]
+        if fault == "reject":
+            raise ChargeRejected("the provider rejected the charge request")
+        if fault == "error":
+            raise ProviderError("the provider failed; nothing was charged")
+        plan = _plan(data, faults, fault, rng)
+        created = await store.create_charge(_write(plan, idempotency_key, fprint, data.reference))
+        outcome, stored = created.outcome, created.charge
+    if outcome == "mismatch":
+        raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
+    fault = plan.fault if plan.fault in ("timeout", "reset") else None
+    if outcome == "created":
+        if plan.dropped:
+            log.info("callback dropped on purpose", extra={"charge_id": plan.charge.id})
+        return ChargeOutcome(plan.charge, True, fault, plan.body)
+    return ChargeOutcome(Charge.model_validate_json(stored), False, fault, stored)
+
+
+def _plan(data: ChargeIn, faults: Faults, fault: Fault | None, rng: random.Random) -> _Plan:
+    """The charge a request makes under `fault` (not reject or error: those charge
+    nothing) and the callbacks it would cause."""
     charge = Charge(
-        id=charge_id,
+        id="ch_" + uuid.uuid4().hex,
         status="failed" if fault == "decline" else "succeeded",
         amount_cents=data.amount_cents,
         currency=data.currency,
         reference=data.reference,
         created=int(time.time()),
     )
+    body = charge.model_dump_json().encode()
+    dropped = faults.callback_drop_rate > 0 and rng.random() < faults.callback_drop_rate
+    callbacks = () if dropped else events_for(charge, faults=faults, rng=rng)
+    return _Plan(fault, charge, body, callbacks, dropped)
+
+
+def _write(plan: _Plan, idempotency_key: str | None, fprint: str, reference: str) -> ChargeWrite:
     # No key: every request is a new charge (the key is what makes a retry safe).
-    key = idempotency_key or "none:" + charge_id
-    result = await store.create_charge(
-        idempotency_key=key,
-        fingerprint=fingerprint(data),
-        charge_id=charge_id,
-        charge=charge.model_dump_json().encode(),
-        reference=data.reference,
+    return ChargeWrite(
+        idempotency_key=idempotency_key or "none:" + plan.charge.id,
+        fingerprint=fprint,
+        charge_id=plan.charge.id,
+        charge=plan.body,
+        reference=reference,
+        callbacks=plan.callbacks,
     )
-    if result.outcome == "mismatch":
-        raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
-    stored = Charge.model_validate_json(result.charge)
-    created = result.outcome == "created"
-    if created:
-        await emit_events(store=store, charge=stored, faults=faults, rng=rng)
-    return ChargeOutcome(stored, created, fault if fault in ("timeout", "reset") else None)
 
 
-async def emit_events(
-    *, store: SandboxStore, charge: Charge, faults: Faults, rng: random.Random
-) -> None:
-    """Queue the callbacks for a new charge: maybe dropped, duplicated or out of order."""
-    if faults.callback_drop_rate > 0 and rng.random() < faults.callback_drop_rate:
-        log.info("callback dropped on purpose", extra={"charge_id": charge.id})
-        return
+def events_for(charge: Charge, *, faults: Faults, rng: random.Random) -> tuple[Callback, ...]:
+    """The callbacks a new charge causes: maybe duplicated or out of order (not dropped:
+    the caller draws that first)."""
     delay = faults.callback_delay_ms
     event = charge_event(charge, status=charge.status, created=charge.created)
-    await store.enqueue_callback(event, delivery_id=uuid.uuid4().hex, delay_ms=delay)
+    callbacks = [Callback(uuid.uuid4().hex, event, delay)]
     if faults.duplicate_rate > 0 and rng.random() < faults.duplicate_rate:
-        await store.enqueue_callback(event, delivery_id=uuid.uuid4().hex, delay_ms=delay)
+        callbacks.append(Callback(uuid.uuid4().hex, event, delay))
     if (
         charge.status == "succeeded"
         and faults.out_of_order_rate > 0
@@ -174,9 +236,8 @@ async def emit_events(
         # A first authorization attempt that was declined before the retry succeeded:
         # its older charge.failed event arrives after the charge.succeeded one.
         stale = charge_event(charge, status="failed", created=charge.created - 1)
-        await store.enqueue_callback(
-            stale, delivery_id=uuid.uuid4().hex, delay_ms=delay + OUT_OF_ORDER_LAG_MS
-        )
+        callbacks.append(Callback(uuid.uuid4().hex, stale, delay + OUT_OF_ORDER_LAG_MS))
+    return tuple(callbacks)
 
 
 async def get_charge(*, store: SandboxStore, charge_id: str) -> Charge:

@@ -1,4 +1,11 @@
-"""Callback delivery: at least once, signed, retried with backoff until acknowledged."""
+"""Callback delivery: at least once, signed, retried with backoff until acknowledged.
+
+A claimed delivery is leased (its due time pushed past the delivery timeout); a 2xx
+reply queues its acknowledgement, and one task writes the queued acknowledgements in a
+batch (one round trip for as many as arrived while the last batch was written). A
+worker that stops before acknowledging leaves the lease to run out: the delivery is
+claimed and sent again, as after a crash between sending and acknowledging.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ class CallbackDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.Task[None] | None = None
+        self._acks: list[str] = []
+        self._acks_queued = asyncio.Event()
+        self._acker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if not self.url:
@@ -38,6 +48,7 @@ class CallbackDispatcher:
         connector = aiohttp.TCPConnector(limit=self.settings.psp_callback_concurrency)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         self._loop = asyncio.create_task(self._run(), name="psp-callbacks")
+        self._acker = asyncio.create_task(self._acknowledge(), name="psp-callback-acks")
 
     async def stop(self) -> None:
         if self._loop is not None:
@@ -47,6 +58,11 @@ class CallbackDispatcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._acker is not None:
+            self._acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
+            await self._flush_acks()  # what was acknowledged meanwhile
         if self._session is not None:
             await self._session.close()
 
@@ -56,11 +72,11 @@ class CallbackDispatcher:
 
     async def _run(self) -> None:
         lease_ms = int((self.settings.psp_callback_timeout_s + 5) * 1000)
+        limit = self.settings.psp_callback_concurrency
         while True:
+            self.wakeup.clear()  # a kick from now on claims again
             try:
-                deliveries = await self.store.claim_callbacks(
-                    lease_ms=lease_ms, limit=self.settings.psp_callback_concurrency
-                )
+                deliveries = await self.store.claim_callbacks(lease_ms=lease_ms, limit=limit)
             except Exception:
                 log.exception("claiming callbacks failed")
                 deliveries = []
@@ -69,11 +85,26 @@ class CallbackDispatcher:
                 task = asyncio.create_task(self._deliver(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            if not deliveries:
+            if len(deliveries) < limit:  # every due one was claimed: wait for more
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.settings.psp_callback_poll_s):
                         await self.wakeup.wait()
-                self.wakeup.clear()
+
+    async def _acknowledge(self) -> None:
+        while True:
+            await self._acks_queued.wait()
+            self._acks_queued.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        if not batch:
+            return
+        try:
+            await self.store.callbacks_delivered(batch)
+        except Exception:
+            # Not acknowledged: the leases run out and the deliveries are sent again.
+            log.exception("acknowledging callbacks failed", extra={"deliveries": len(batch)})
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
@@ -94,7 +125,8 @@ class CallbackDispatcher:
             async with self._session.post(self.url, data=delivery.body, headers=headers) as resp:
                 reply = (await resp.text())[:500]
                 if 200 <= resp.status < 300:
-                    await self.store.callback_delivered(delivery.id)
+                    self._acks.append(delivery.id)
+                    self._acks_queued.set()
                     return
                 reply = f"{resp.status} {reply}"
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -99,14 +99,14 @@ async def charge(request: FastRequest) -> FastReply:
         raise ValidationProblem("the request is not valid", extra={"errors": [error]})
     outcome = await domain.create_charge(
         store=state.store,
-        settings=state.sandbox_settings,
+        in_force=state.faults,
         rng=state.rng,
         data=parse_body(ChargeIn, request.body),
         idempotency_key=key,
     )
     if outcome.created:
         state.dispatcher.kick()
-    body = outcome.charge.model_dump_json().encode()
+    body = outcome.body
     status = 201 if outcome.created else 200
     if outcome.fault == "timeout":
         hang_s = state.sandbox_settings.psp_hang_s

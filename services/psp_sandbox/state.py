@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from services.common import redis
 from services.common.app import ServiceState
 from services.common.health import Check
+from services.psp_sandbox.domain import FaultsInForce
 from services.psp_sandbox.jobs import CallbackDispatcher
 from services.psp_sandbox.settings import SandboxSettings
 from services.psp_sandbox.store import SandboxStore
@@ -25,6 +26,7 @@ class SandboxState(ServiceState):
             client, prefix=settings.psp_key_prefix, retention_s=settings.psp_retention_s
         )
         self.rng = random.Random()  # fault injection, not security
+        self.faults = FaultsInForce(settings)
         self.dispatcher = CallbackDispatcher(
             settings, self.store, settings.secret("psp_webhook_secret")
         )

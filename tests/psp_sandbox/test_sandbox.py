@@ -142,12 +142,39 @@ async def test_timeout_fault_charges_then_hangs(psp: httpx.AsyncClient) -> None:
 
 async def test_latency_fault_delays_replies(psp: httpx.AsyncClient) -> None:
     await psp.post("/_sandbox/faults", json={"latency_ms": 300})
-    started = time.monotonic()
-    resp = await psp.post(
-        "/v1/charges", json=charge_body(), headers={"Idempotency-Key": str(uuid.uuid4())}
-    )
-    assert resp.status_code == 201
-    assert time.monotonic() - started >= 0.3
+    body = charge_body()
+    for _ in range(2):  # the faults just changed, then the faults already known
+        started = time.monotonic()
+        resp = await psp.post(
+            "/v1/charges", json=body, headers={"Idempotency-Key": str(uuid.uuid4())}
+        )
+        assert resp.status_code == 201
+        assert time.monotonic() - started >= 0.3
+        assert resp.json()["created"] >= int(time.time()) - 1  # charged after the wait
+    counts = await stats(psp, body["reference"])
+    assert (counts["charge_requests"], counts["charges_created"]) == (2, 2)
+
+
+async def test_fault_changes_apply_to_the_next_request(psp: httpx.AsyncClient) -> None:
+    body = charge_body()
+
+    async def charge() -> httpx.Response:
+        return await psp.post(
+            "/v1/charges", json=body, headers={"Idempotency-Key": str(uuid.uuid4())}
+        )
+
+    assert (await charge()).json()["status"] == "succeeded"
+    assert (await charge()).json()["status"] == "succeeded"
+    await psp.post("/_sandbox/faults", json={"decline_rate": 1.0})
+    assert (await charge()).json()["status"] == "failed"
+    assert (await charge()).json()["status"] == "failed"
+    await psp.post("/_sandbox/faults", json={"decline_rate": 0.0, "reject_rate": 1.0})
+    assert_problem(await charge(), 400, "charge-rejected")
+    assert_problem(await charge(), 400, "charge-rejected")
+    await psp.post("/_sandbox/faults", json={"reset": True})
+    assert (await charge()).status_code == 201
+    counts = await stats(psp, body["reference"])
+    assert (counts["charge_requests"], counts["charges_created"]) == (7, 5)
 
 
 async def test_callbacks_are_signed_and_delivered(
