@@ -348,6 +348,15 @@ async def hold_order(
     With `user_id`, an order that user does not own is answered like a missing one.
     """
     now = datetime.now(UTC)
+    until = now + timedelta(seconds=inv.settings.catalog_hold_ttl_s)
+    async with postgres_guard():
+        # The usual case in one statement; anything else takes the locked path below,
+        # which tells the reason (or finds the order already paid by this payment).
+        held = await storage.hold_if_payable(
+            inv.pool, order_id, payment_id=payment_id, user_id=user_id, now=now, until=until
+        )
+    if held is not None:
+        return held
     async with postgres_guard(), inv.pool.acquire() as conn, conn.transaction():
         row = await _locked(conn, order_id)
         if user_id is not None and row["user_id"] != user_id:
@@ -357,7 +366,6 @@ async def hold_order(
             raise _not_payable(order_id, why)
         if row["status"] == "paid":
             return row
-        until = now + timedelta(seconds=inv.settings.catalog_hold_ttl_s)
         return await storage.set_hold(conn, order_id, payment_id=payment_id, until=until)
 
 

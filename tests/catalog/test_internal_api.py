@@ -303,3 +303,34 @@ async def test_order_outcomes_answer_each_item_as_its_own_call(orders_app: Order
 async def test_order_outcomes_refuse_a_bad_batch_whole(orders_app: OrdersApp, body: Any) -> None:
     resp = await orders_app.client.post("/internal/v1/order-outcomes", json=body)
     assert_problem(resp, 422, "validation-error")
+
+
+async def test_hold_takes_over_a_lapsed_hold_and_renews_its_own(orders_app: OrdersApp) -> None:
+    """The one-statement hold agrees with the locked path on the edges of a hold."""
+    _, order_id, user = await _reserve(orders_app)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    owner = user["X-User-Id"]
+    body = {"user_id": owner}
+    path = f"/internal/v1/orders/{order_id}/hold"
+    assert (
+        await orders_app.client.post(path, json={**body, "payment_id": first})
+    ).status_code == 200
+    # Past its expiry, the order stays holdable by the payment that holds it...
+    await _set(orders_app, order_id, expires_at="now() - interval '1 minute'")
+    renewed = await orders_app.client.post(path, json={**body, "payment_id": first})
+    assert renewed.status_code == 200
+    assert renewed.json()["held_by"] == first
+    # ...and by no one else, even once that hold lapses.
+    await _set(orders_app, order_id, held_until="now() - interval '1 second'")
+    late = await orders_app.client.post(path, json={**body, "payment_id": second})
+    assert_problem(late, 409, "order-not-payable")
+    # Before its expiry, a lapsed hold of another payment is taken over.
+    await _set(orders_app, order_id, expires_at="now() + interval '10 minutes'")
+    taken = await orders_app.client.post(path, json={**body, "payment_id": second})
+    assert taken.status_code == 200
+    assert taken.json()["held_by"] == second
+    assert_problem(
+        await orders_app.client.post(path, json={**body, "payment_id": first}),
+        409,
+        "order-not-payable",
+    )

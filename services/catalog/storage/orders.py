@@ -139,6 +139,36 @@ async def set_hold(
     )
 
 
+async def hold_if_payable(
+    conn: Executor,
+    order_id: UUID,
+    *,
+    payment_id: UUID,
+    user_id: str | None,
+    now: datetime,
+    until: datetime,
+) -> Any:
+    """Hold a reserved order for a payment in one statement when nothing stands in the
+    way: owned by `user_id` (if given), not held by another payment's live hold, not
+    past `expires_at` unless this payment holds it. None otherwise (nothing written)."""
+    count_queries()
+    return await conn.fetchrow(
+        f"""
+        UPDATE orders SET held_by = $2, held_until = $3
+        WHERE id = $1 AND status = 'reserved'
+          AND ($4::text IS NULL OR user_id = $4::text)
+          AND (held_by IS NULL OR held_by = $2 OR held_until <= $5)
+          AND (held_by = $2 OR expires_at > $5)
+        RETURNING {ORDER_COLUMNS}
+        """,  # noqa: S608
+        order_id,
+        payment_id,
+        until,
+        user_id,
+        now,
+    )
+
+
 async def mark_paid(conn: Connection, order_id: UUID, *, payment_id: UUID, now: datetime) -> Any:
     """Turn a locked reserved order into a paid one."""
     count_queries()
