@@ -60,8 +60,9 @@ class Request:
                 raise BadRequest("invalid Content-Length")
             if int(declared) > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            if self.whole is not None:
+            if self.whole is not None and self.headers.get("transfer-encoding") is None:
                 # The server reads exactly the declared length (at most `limit`): one read.
+                # (With Transfer-Encoding the length is the chunks', counted below.)
                 try:
                     async with asyncio.timeout(timeout_s):
                         whole = await self.whole()

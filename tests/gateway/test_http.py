@@ -95,3 +95,13 @@ async def test_a_body_read_by_a_fast_path_is_not_read_again() -> None:
     assert request.prechecked
     assert await request.body(limit=10, timeout_s=1.0) == b"abc"
     assert protocol.reads == []
+
+
+async def test_a_chunked_body_is_counted_even_with_a_small_declared_length() -> None:
+    # Transfer-Encoding overrides Content-Length (RFC 9112 6.3): the declared length
+    # bounds nothing, so the body is read in counted chunks.
+    protocol = Protocol(b"x" * 11)
+    headers = {"content-length": "3", "transfer-encoding": "chunked"}
+    with pytest.raises(PayloadTooLarge):
+        await rsgi_request(Scope(headers), protocol).body(limit=10, timeout_s=1.0)
+    assert protocol.reads == ["chunks"]

@@ -240,3 +240,18 @@ def test_declared_and_chunked_bodies_through_granian(stack: RunningStack) -> Non
     assert_problem(httpx.post(url, content=big), 413, "payload-too-large")
     chunks = iter([big[:40_000], big[40_000:]])
     assert_problem(httpx.post(url, content=chunks), 413, "payload-too-large")
+
+
+def test_a_chunked_body_past_the_cap_is_refused_whatever_length_it_declares(
+    stack: RunningStack,
+) -> None:
+    """Transfer-Encoding wins over Content-Length (granian reads the chunks): still capped."""
+    chunk = b"x" * 70_000
+    head = (
+        b"POST /api/v1/payments/callbacks/psp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n" % len(chunk)
+        + chunk
+        + b"\r\n0\r\n\r\n"
+    )
+    assert raw_request(stack.url(), head).startswith(b"HTTP/1.1 413")
