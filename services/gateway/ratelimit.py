@@ -73,7 +73,7 @@ class Bucket:
 
 # Redis names a script by the SHA-1 of its text (an identifier, not a security measure).
 _TAKE_SHA = hashlib.sha1(_TAKE.encode(), usedforsecurity=False).hexdigest()
-MAX_BATCH = 256  # commands per pipeline; more arrivals in one turn make several
+MAX_BATCH = 256  # commands per pipeline; more arrivals in one turn go as several at once
 
 
 class RateLimiter:
@@ -123,27 +123,32 @@ class RateLimiter:
 
     async def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        for start in range(0, len(batch), MAX_BATCH):
-            part = batch[start : start + MAX_BATCH]
-            try:
-                replies = await self._send([command for command, _ in part])
-            except BaseException as exc:
-                # Every waiter gets the error its own call would have raised (a
-                # cancelled batch, at shutdown, reads as Redis being unavailable).
-                error = exc if isinstance(exc, Exception) else RedisError("batch cancelled")
-                for _, future in part:
-                    if not future.done():
-                        future.set_exception(error)
-                if not isinstance(exc, Exception):
-                    raise
+        if len(batch) <= MAX_BATCH:
+            await self._flush_part(batch)
+            return
+        parts = [batch[i : i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
+        await asyncio.gather(*(self._flush_part(part) for part in parts))
+
+    async def _flush_part(self, part: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._send([command for command, _ in part])
+        except BaseException as exc:
+            # Every waiter gets the error its own call would have raised (a
+            # cancelled batch, at shutdown, reads as Redis being unavailable).
+            error = exc if isinstance(exc, Exception) else RedisError("batch cancelled")
+            for _, future in part:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(part, replies, strict=True):
+            if future.done():  # its caller went away
                 continue
-            for (_, future), reply in zip(part, replies, strict=True):
-                if future.done():  # its caller went away
-                    continue
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Replies (or the error of each command) in order; NOSCRIPT loads and resends."""

@@ -8,7 +8,7 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.gateway.ratelimit import _TAKE_SHA, Bucket, RateLimiter
+from services.gateway.ratelimit import _TAKE_SHA, MAX_BATCH, Bucket, RateLimiter
 from tests.support.servers import free_port
 
 SLOW = Bucket(rate_per_s=0.001, burst=2)  # refills ~nothing during a test
@@ -112,3 +112,14 @@ async def test_every_caller_of_a_failed_batch_gets_the_redis_error() -> None:
     finally:
         await dead.aclose()
     assert all(isinstance(r, RedisError) for r in results), results
+
+
+async def test_a_turn_with_more_calls_than_one_pipeline_holds(rds: aioredis.Redis) -> None:
+    limiter = RateLimiter(rds)
+    user, _ = keys()
+    bucket = Bucket(rate_per_s=0.001, burst=MAX_BATCH + 50)
+    decisions = await asyncio.gather(
+        *(limiter.take_each((user, bucket)) for _ in range(MAX_BATCH + 60))
+    )
+    assert sum(d.allowed for d in decisions) == MAX_BATCH + 50
+    assert round(await tokens(rds, user)) == 0
