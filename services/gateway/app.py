@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +42,7 @@ from services.common.logs import configure_logging, request_id_var
 from services.common.metrics import METRICS_CONTENT_TYPE, RequestStats, render_metrics
 from services.common.tasks import BackgroundTasks
 from services.gateway import domain
+from services.gateway.clientip import TrustedProxies
 from services.gateway.http import (
     Reply,
     Request,
@@ -193,28 +193,6 @@ class MethodNotAllowed(Problem):
     status, code, title = 405, "method-not-allowed", "Method Not Allowed"
 
 
-Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-
-
-def client_ip(peer: str, forwarded: str | None, trusted: Networks) -> str:
-    """The peer address; X-Forwarded-For is believed only when the peer is a trusted proxy."""
-    if not forwarded or not trusted or not _in(peer, trusted):
-        return peer
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    for hop in reversed(hops):  # the rightmost address no trusted proxy vouches for
-        if not _in(hop, trusted):
-            return hop
-    return peer
-
-
-def _in(address: str, networks: Networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
-
-
 def bearer_token(value: str | None) -> str | None:
     if value is None:
         return None
@@ -229,9 +207,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.routes = build_routes(settings)
-        self.trusted: Networks = [
-            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
-        ]
+        self.trusted = TrustedProxies(settings.trusted_proxies)
         self.cache = MicroCache(
             ttl_s=settings.gateway_microcache_ttl_s,
             max_entries=settings.gateway_microcache_entries,
@@ -477,7 +453,7 @@ class Gateway:
         return json_reply(200, reply, [("cache-control", "no-store")])
 
     def _client_ip(self, request: Request) -> str:
-        return client_ip(request.client, request.headers.get("x-forwarded-for"), self.trusted)
+        return self.trusted.client_ip(request.client, request.headers.get("x-forwarded-for"))
 
     async def forward(self, route: Route, request: Request, rid: str) -> Reply:
         state = self._state()

@@ -49,6 +49,8 @@ class Request:
     scheme: str
     chunks: Callable[[], AsyncIterator[bytes]]
     prechecked: bool = False  # the body was read (and judged) by a fast path already
+    # The whole body in one read, when the server bounds it by Content-Length (RSGI).
+    whole: Callable[[], Awaitable[bytes]] | None = None
 
     async def body(self, *, limit: int, timeout_s: float) -> bytes:
         """The whole body, refused past `limit` bytes or `timeout_s` seconds (413/408/400)."""
@@ -58,6 +60,17 @@ class Request:
                 raise BadRequest("invalid Content-Length")
             if int(declared) > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            if self.whole is not None and self.headers.get("transfer-encoding") is None:
+                # The server reads exactly the declared length (at most `limit`): one read.
+                # (With Transfer-Encoding the length is the chunks', counted below.)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        whole = await self.whole()
+                except TimeoutError:
+                    raise RequestTimeout("request body was not received in time") from None
+                if len(whole) > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                return whole
         parts: list[bytes] = []
         size = 0
         try:
@@ -110,6 +123,10 @@ def rsgi_request(scope: Any, protocol: Any, body: bytes | None = None) -> Reques
         async for chunk in protocol:
             yield chunk
 
+    async def read_all() -> bytes:
+        assert body is not None
+        return body
+
     host = scope.client.rsplit(":", 1)[0].strip("[]") if scope.client else ""
     return Request(
         scope.method,
@@ -120,6 +137,7 @@ def rsgi_request(scope: Any, protocol: Any, body: bytes | None = None) -> Reques
         scope.scheme,
         chunks,
         prechecked=body is not None,
+        whole=protocol if body is None else read_all,
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from services.common.errors import UpstreamUnavailable
 
@@ -48,6 +49,9 @@ DROP_REQUEST = HOP_BY_HOP | {
 # x-request-id: the gateway adds its own (the same id, which it forwarded upstream).
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date", "x-request-id"}
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Parsed upstream URLs kept per path (the write routes reuse a handful of paths).
+URL_CACHE_ENTRIES = 1024
+URL_CACHE_MAX_PATH = 256
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class Upstream:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.connect_timeout_s = connect_timeout_s
+        self._urls: dict[str, URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._connector = aiohttp.TCPConnector(
             limit=pool_size,
             limit_per_host=pool_size,
@@ -113,6 +119,35 @@ class Upstream:
     async def close(self) -> None:
         await self.session.close()
 
+    def url(self, path_qs: str) -> URL | str:
+        """The upstream URL of a path, parsed once per path (as aiohttp would parse it).
+
+        A path yarl refuses is returned as the string, so aiohttp reports it as before.
+        """
+        url = self._urls.get(path_qs)
+        if url is not None:
+            return url
+        full = self.base_url + path_qs
+        try:
+            url = URL(full)
+        except ValueError:
+            return full
+        if len(path_qs) <= URL_CACHE_MAX_PATH:
+            if len(self._urls) >= URL_CACHE_ENTRIES:
+                self._urls.clear()
+            self._urls[path_qs] = url
+        return url
+
+    def timeout(self, total_s: float) -> aiohttp.ClientTimeout:
+        """One (immutable) timeout object per route timeout."""
+        timeout = self._timeouts.get(total_s)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=total_s, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
+            )
+            self._timeouts[total_s] = timeout
+        return timeout
+
     async def forward(
         self,
         method: str,
@@ -124,15 +159,14 @@ class Upstream:
         may_retry: bool,
     ) -> UpstreamReply:
         """Send one request upstream and return the whole reply; problems map to 502/504."""
-        timeout = aiohttp.ClientTimeout(
-            total=timeout_s, connect=self.connect_timeout_s, sock_connect=self.connect_timeout_s
-        )
+        timeout = self.timeout(timeout_s)
+        url = self.url(path_qs)
         attempts = 2 if may_retry else 1
         for attempt in range(1, attempts + 1):
             try:
                 async with self.session.request(
                     method,
-                    self.base_url + path_qs,
+                    url,
                     headers=headers,
                     data=body if body else None,
                     allow_redirects=False,

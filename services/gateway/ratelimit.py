@@ -3,14 +3,24 @@
 One Lua script refills and takes atomically; the bucket's state is a hash
 with a TTL, so idle keys disappear. Time comes from Redis (TIME), so workers
 with skewed clocks agree.
+
+The script runs by its SHA (EVALSHA, loaded again after a NOSCRIPT), and the
+calls made in one turn of the event loop travel together in one pipeline: each
+script still runs atomically and in arrival order, and every caller gets its
+own answer or error, but the client's per-command work (pool checkout, retry
+wrapper, release) is paid once per batch instead of once per request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
 
 # KEYS: buckets, in order. ARGV: per bucket rate, burst, cost, consume (1/0).
 # Buckets are taken in order and the first that cannot pay stops the run (the ones
@@ -61,10 +71,17 @@ class Bucket:
     burst: int
 
 
+# Redis names a script by the SHA-1 of its text (an identifier, not a security measure).
+_TAKE_SHA = hashlib.sha1(_TAKE.encode(), usedforsecurity=False).hexdigest()
+MAX_BATCH = 256  # commands per pipeline; more arrivals in one turn go as several at once
+
+
 class RateLimiter:
     def __init__(self, redis: Redis, *, prefix: str = "ratelimit") -> None:
-        self._script = redis.register_script(_TAKE)
+        self._redis = redis
         self.prefix = prefix
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def take(self, key: str, bucket: Bucket, cost: int = 1) -> Decision:
         """Take `cost` tokens if there are enough; RedisError propagates (callers fail closed)."""
@@ -85,10 +102,75 @@ class RateLimiter:
     async def _run(
         self, buckets: list[tuple[str, Bucket]], cost: int, *, consume: bool
     ) -> Decision:
-        args: list[float | int | str] = []
+        flag = "1" if consume else "0"
+        command: list[Any] = ["EVALSHA", _TAKE_SHA, len(buckets)]
+        command += [f"{self.prefix}:{key}" for key, _ in buckets]
         for _, bucket in buckets:
-            args += [bucket.rate_per_s, bucket.burst, cost, "1" if consume else "0"]
-        refused, wait = await self._script(
-            keys=[f"{self.prefix}:{key}" for key, _ in buckets], args=args
-        )
+            command += [bucket.rate_per_s, bucket.burst, cost, flag]
+        refused, wait = await self._call(tuple(command))
         return Decision(int(refused) == 0, max(1, math.ceil(float(wait))))
+
+    async def _call(self, command: tuple[Any, ...]) -> Any:
+        """Queue one EVALSHA for the batch of this loop turn and wait for its own reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((command, future))
+        if len(self._queue) == 1:
+            task = loop.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        if len(batch) <= MAX_BATCH:
+            await self._flush_part(batch)
+            return
+        parts = [batch[i : i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
+        await asyncio.gather(*(self._flush_part(part) for part in parts))
+
+    async def _flush_part(self, part: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._send([command for command, _ in part])
+        except BaseException as exc:
+            # Every waiter gets the error its own call would have raised (a
+            # cancelled batch, at shutdown, reads as Redis being unavailable).
+            error = exc if isinstance(exc, Exception) else RedisError("batch cancelled")
+            for _, future in part:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(part, replies, strict=True):
+            if future.done():  # its caller went away
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Replies (or the error of each command) in order; NOSCRIPT loads and resends."""
+        replies = await self._send_once(commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # The server lost its scripts (restart, SCRIPT FLUSH, failover): a NOSCRIPT
+            # reply means the script did not run, so resending charges nothing twice.
+            await self._redis.script_load(_TAKE)
+            again = await self._send_once([commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send_once(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:
+            try:
+                reply = await self._redis.execute_command(*commands[0])  # type: ignore[no-untyped-call]
+                return [reply]
+            except NoScriptError as exc:
+                return [exc]
+        pipe = self._redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))

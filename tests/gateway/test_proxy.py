@@ -6,8 +6,10 @@ from typing import Any
 
 import httpx
 import pytest
+from yarl import URL
 
 from services.gateway.app import create_app
+from services.gateway.proxy import URL_CACHE_ENTRIES, Upstream
 from tests.gateway.conftest import Echo, gateway_settings
 from tests.gateway.helpers import login
 from tests.support.asgi import client_for
@@ -193,3 +195,34 @@ async def test_retry_only_when_safe(
     resp = await gateway_to_echo.request(method, path, headers=headers, json={"a": 1})
     assert_problem(resp, 502, "upstream-unavailable")
     assert len(echo.seen) == attempts
+
+
+async def test_odd_paths_reach_the_upstream_as_before(
+    gateway_to_echo: httpx.AsyncClient, echo: Echo
+) -> None:
+    for _ in range(2):  # the second time from the parsed-URL cache
+        resp = await gateway_to_echo.get("/api/v1/stats/a%20b/%C3%A9?q=x%2Fy&r=1 2")
+        assert resp.status_code == 200
+        # What the upstream saw before URLs were cached (its server decodes the query).
+        assert echo.seen[-1]["path"] == "/api/v1/stats/a%20b/%C3%A9?q=x/y&r=1%202"
+
+
+async def test_upstream_urls_and_timeouts_are_parsed_once() -> None:
+    upstream = Upstream(
+        "stats", "http://127.0.0.1:1/", pool_size=1, idle_s=1.0, connect_timeout_s=0.5
+    )
+    try:
+        first = upstream.url("/api/v1/stats/top?x=1")
+        assert first == URL("http://127.0.0.1:1/api/v1/stats/top?x=1")
+        assert upstream.url("/api/v1/stats/top?x=1") is first
+        long_path = "/api/v1/stats/" + "a" * 400
+        assert upstream.url(long_path) == URL("http://127.0.0.1:1" + long_path)
+        assert long_path not in upstream._urls  # long paths are parsed, not kept
+        for i in range(URL_CACHE_ENTRIES + 10):
+            upstream.url(f"/api/v1/stats/{i}")
+        assert len(upstream._urls) <= URL_CACHE_ENTRIES
+        timeout = upstream.timeout(3.0)
+        assert upstream.timeout(3.0) is timeout
+        assert (timeout.total, timeout.connect, timeout.sock_connect) == (3.0, 0.5, 0.5)
+    finally:
+        await upstream.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from services.gateway.ratelimit import Bucket, RateLimiter
+from services.gateway.ratelimit import _TAKE_SHA, MAX_BATCH, Bucket, RateLimiter
+from tests.support.servers import free_port
 
 SLOW = Bucket(rate_per_s=0.001, burst=2)  # refills ~nothing during a test
 ROOMY = Bucket(rate_per_s=0.001, burst=100)
@@ -57,3 +60,66 @@ async def test_take_and_peek_on_one_bucket(rds: aioredis.Redis) -> None:
     assert (await limiter.take(user, SLOW, cost=2)).allowed
     assert not (await limiter.peek(user, SLOW)).allowed
     assert not (await limiter.take(user, SLOW)).allowed
+
+
+async def test_calls_of_one_loop_turn_share_a_pipeline_and_keep_their_order(
+    rds: aioredis.Redis,
+) -> None:
+    limiter = RateLimiter(rds)
+    user, ip = keys()
+    bucket = Bucket(rate_per_s=0.001, burst=20)
+    decisions = await asyncio.gather(*(limiter.take_each((user, bucket)) for _ in range(30)))
+    # Each script runs atomically in arrival order: the first 20 pay, the rest are refused.
+    assert [d.allowed for d in decisions] == [True] * 20 + [False] * 10
+    assert round(await tokens(rds, user)) == 0
+    # A batch mixes callers and buckets; every caller gets its own answer.
+    mixed = await asyncio.gather(
+        limiter.take_each((ip, ROOMY)), limiter.take_each((user, bucket)), limiter.peek(ip, ROOMY)
+    )
+    assert [d.allowed for d in mixed] == [True, False, True]
+    assert round(await tokens(rds, ip)) == 99
+
+
+async def test_noscript_after_a_script_flush_loads_it_and_charges_once(
+    rds: aioredis.Redis,
+) -> None:
+    limiter = RateLimiter(rds)
+    user, ip = keys()
+    assert (await limiter.take_each((user, SLOW), (ip, ROOMY))).allowed
+    await rds.script_flush()  # as a Redis restart or failover would
+    assert (await limiter.take_each((user, SLOW), (ip, ROOMY))).allowed
+    assert round(await tokens(rds, user)) == 0
+    assert round(await tokens(rds, ip)) == 98
+    await rds.script_flush()
+    # A whole batch answered NOSCRIPT: loaded once, each call resent once, limits still hold.
+    batch = await asyncio.gather(
+        limiter.take_each((user, SLOW), (ip, ROOMY)), limiter.take_each((ip, ROOMY))
+    )
+    assert [d.allowed for d in batch] == [False, True]
+    assert round(await tokens(rds, ip)) == 97
+    assert (await rds.script_exists(_TAKE_SHA)) == [True]
+
+
+async def test_every_caller_of_a_failed_batch_gets_the_redis_error() -> None:
+    dead = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2, socket_timeout=0.2
+    )
+    limiter = RateLimiter(dead)
+    try:
+        results = await asyncio.gather(
+            *(limiter.take_each((f"k{i}", ROOMY)) for i in range(3)), return_exceptions=True
+        )
+    finally:
+        await dead.aclose()
+    assert all(isinstance(r, RedisError) for r in results), results
+
+
+async def test_a_turn_with_more_calls_than_one_pipeline_holds(rds: aioredis.Redis) -> None:
+    limiter = RateLimiter(rds)
+    user, _ = keys()
+    bucket = Bucket(rate_per_s=0.001, burst=MAX_BATCH + 50)
+    decisions = await asyncio.gather(
+        *(limiter.take_each((user, bucket)) for _ in range(MAX_BATCH + 60))
+    )
+    assert sum(d.allowed for d in decisions) == MAX_BATCH + 50
+    assert round(await tokens(rds, user)) == 0
