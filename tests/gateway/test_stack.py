@@ -255,3 +255,22 @@ def test_a_chunked_body_past_the_cap_is_refused_whatever_length_it_declares(
         + b"\r\n0\r\n\r\n"
     )
     assert raw_request(stack.url(), head).startswith(b"HTTP/1.1 413")
+
+
+def test_a_chunked_order_past_the_cap_is_refused_on_the_sold_out_path(
+    stack: RunningStack,
+) -> None:
+    """A signed-in buyer's order (the sold-out fast path's case: cached token, small
+    declared length) that is chunked and past the cap, never finished: 413 at once."""
+    token = token_for(stack, "demo2", "demo-password-2")
+    headers = {"Authorization": f"Bearer {token}"}
+    warm = httpx.post(stack.url() + "/api/v1/orders", json={"product_id": 0}, headers=headers)
+    assert warm.status_code == 422  # the token is now verified and cached
+    chunks = b"".join(b"%x\r\n" % 10_000 + b"x" * 10_000 + b"\r\n" for _ in range(10))
+    head = (
+        b"POST /api/v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + token.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 30\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    assert raw_request(stack.url(), head).startswith(b"HTTP/1.1 413")
