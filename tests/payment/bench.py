@@ -254,7 +254,7 @@ def main() -> int:
             env=env,
         )
         after = cpu_seconds(watched)
-        results["cpu s during payments"] = {k: round(after[k] - before[k], 1) for k in after}
+        results["cpu s during payments"] = cpu_delta(before, after)
         event = orjson.dumps(
             {
                 "id": "evt_bench_" + uuid.uuid4().hex,
@@ -308,28 +308,44 @@ def main() -> int:
     return 0
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU time (user + system) of each process tree, and of Postgres and Redis."""
+ProcessTimes = dict[str, dict[tuple[int, float], float]]
+
+
+def cpu_seconds(pids: dict[str, int]) -> ProcessTimes:
+    """CPU time (user + system) per process of each tree, and of Postgres and Redis,
+    keyed by (pid, start time) so that cpu_delta() can pair the same processes."""
     import psutil
 
-    totals: dict[str, float] = {}
-    for name, pid in pids.items():
-        root = psutil.Process(pid)
-        total = 0.0
-        for proc in [root, *root.children(recursive=True)]:
+    def times_of(procs: list[psutil.Process]) -> dict[tuple[int, float], float]:
+        out: dict[tuple[int, float], float] = {}
+        for proc in procs:
             with contextlib.suppress(psutil.Error):
                 times = proc.cpu_times()
-                total += times.user + times.system
-        totals[name] = total
+                out[(proc.pid, proc.create_time())] = times.user + times.system
+        return out
+
+    totals: ProcessTimes = {}
+    for name, pid in pids.items():
+        root = psutil.Process(pid)
+        totals[name] = times_of([root, *root.children(recursive=True)])
     for name, prefix in (("postgres", "postgres"), ("redis", "redis-server")):
-        total = 0.0
-        for proc in psutil.process_iter(["name"]):
-            if (proc.info["name"] or "").startswith(prefix):
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-        totals[name] = total
+        matching = [
+            proc
+            for proc in psutil.process_iter(["name"])
+            if (proc.info["name"] or "").startswith(prefix)
+        ]
+        totals[name] = times_of(matching)
     return totals
+
+
+def cpu_delta(before: ProcessTimes, after: ProcessTimes) -> dict[str, float]:
+    """CPU seconds spent between the two samples, per group. A process that started in
+    between counts from zero; one that ended in between is left out (an undercount,
+    never the negative figure a difference of sums gives when a backend exits)."""
+    return {
+        name: round(sum(t - before.get(name, {}).get(key, 0.0) for key, t in procs.items()), 1)
+        for name, procs in after.items()
+    }
 
 
 async def double_charges(dsn: str, psp_url: str) -> dict[str, int]:
