@@ -112,31 +112,18 @@ async def record_outcome(
     source: str,
     claim: KeyClaim | None = None,
 ) -> Any:
-    """Apply an outcome, and store the idempotent response in the same transaction."""
-    if claim is None:
-        # One statement (payment + outbox), atomic without an explicit transaction.
-        changed = await apply_outcome(
-            state.db,
-            payment_id=payment["id"],
-            order_id=payment["order_id"],
-            status=status,
-            charge_id=charge_id,
-            reason=reason,
-            source=source,
+    """Apply an outcome; with a key claim, store the idempotent response atomically with it.
+
+    Usually the payment moves: then one statement moves it, queues its outbox message
+    and (keyed) stores the reply, which is known beforehand: the document of the
+    payment at `status`.
+    """
+    answer = None
+    if claim is not None:
+        expected = payment_body({**dict(payment), "status": status})
+        answer = storage.KeyAnswer(
+            claim.user_id, claim.key, 201, orjson.dumps(JSON_HEADERS).decode(), expected
         )
-        row = (
-            changed if changed is not None else await storage.fetch_payment(state.db, payment["id"])
-        )
-        if changed is not None and status in FINAL:
-            state.outbox_wakeup.set()
-        return row
-    # Usually the payment moves: then one statement moves it, queues its outbox message
-    # and stores the reply under the key (the reply is known beforehand: the document
-    # of the payment at `status`).
-    expected = payment_body({**dict(payment), "status": status})
-    answer = storage.KeyAnswer(
-        claim.user_id, claim.key, 201, orjson.dumps(JSON_HEADERS).decode(), expected
-    )
     changed = await apply_outcome(
         state.db,
         payment_id=payment["id"],
@@ -151,6 +138,8 @@ async def record_outcome(
         if status in FINAL:
             state.outbox_wakeup.set()
         return changed
+    if claim is None:
+        return await storage.fetch_payment(state.db, payment["id"])
     # It was already at or past `status` (a callback or the settle job came first):
     # store the reply as the payment is now.
     async with state.db.acquire() as conn, conn.transaction():
