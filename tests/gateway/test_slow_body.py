@@ -1,10 +1,11 @@
-"""IN-6: a body trickling in at 10 B/s, over real sockets, to real granian servers.
+"""Slow clients over real sockets, against real granian servers (IN-5, IN-6).
 
-The stack here runs with a 2 s body deadline (the default is 30 s). A client that
-sends its headers and then ten bytes a second is answered 408 problem+json once the
-deadline passes and its connection is closed, on the gateway (RSGI), on payment's
-fast lane and on a FastAPI route of the catalog; meanwhile the same workers keep
-answering everyone else.
+The stack here runs with a 2 s body deadline and a 2 s header deadline (the defaults
+are 30 s and 10 s). A client that sends its headers and then ten bytes a second is
+answered 408 problem+json once the body deadline passes and its connection is closed,
+on the gateway (RSGI), on payment's fast lane and on a FastAPI route of the catalog.
+Hundreds of connections sending their headers a byte a second are closed at the header
+deadline. Meanwhile the same workers keep answering everyone else.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.support.servers import free_port, free_port_block, migrated_database
 from tests.support.stack import RunningStack, start_stack, stop_stack
 
 DEADLINE_S = 2.0
+SLOWLORIS_CONNECTIONS = 500
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,7 @@ def slow_stack(
             "SHOPSTACK_REDIS_URL": redis_url,
             "SHOPSTACK_LOG_LEVEL": "WARNING",
             "SHOPSTACK_BODY_READ_TIMEOUT_S": str(DEADLINE_S),
+            "SHOPSTACK_HEADER_READ_TIMEOUT_MS": str(int(DEADLINE_S * 1000)),
         }
         running = start_stack(
             base_port=free_port_block([0, 1, 2, 3, 9]),
@@ -131,3 +134,54 @@ def test_in6_a_slow_body_gets_408_at_the_deadline_and_blocks_nobody(
     # far from the 1,000 declared.
     assert 5 <= trickle.sent < 100
     assert answered >= 10
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True once the server closed the connection (EOF, reset, or a final 408)."""
+    try:
+        data = sock.recv(4096)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize("service", ["gateway", "catalog"])
+def test_in5_slowloris_connections_are_closed_and_block_nobody(
+    slow_stack: RunningStack, service: str
+) -> None:
+    url = slow_stack.url(service)
+    host, port = url.removeprefix("http://").split(":")
+    head = b"GET /api/v1/products/1 HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 64
+    socks = [
+        socket.create_connection((host, int(port)), timeout=5) for _ in range(SLOWLORIS_CONNECTIONS)
+    ]
+    for sock in socks:
+        sock.setblocking(False)
+    open_ = set(range(len(socks)))
+    legit: list[int] = []
+    started = time.monotonic()
+    sent = 0
+    try:
+        with httpx.Client(timeout=5.0) as client:
+            while open_ and time.monotonic() - started < 4 * DEADLINE_S:
+                for index in list(open_):
+                    if _hung_up(socks[index]):
+                        open_.discard(index)
+                        continue
+                    try:
+                        socks[index].send(head[sent : sent + 1])  # one byte a second
+                    except OSError:
+                        open_.discard(index)
+                sent += 1
+                tick = time.monotonic()
+                while time.monotonic() - tick < 1.0:  # everyone else, meanwhile
+                    legit.append(client.get(url + "/api/v1/products/1").status_code)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert not open_, f"{len(open_)} slow connections still open after {4 * DEADLINE_S} s"
+    assert sent < len(head)  # closed while their headers were still incomplete
+    assert len(legit) >= 20
+    assert set(legit) == {200}
