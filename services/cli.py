@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             keep_alive=settings.granian_keep_alive,
             max_buffer_size=settings.max_header_bytes,
         ),
-        workers_kill_timeout=10,
+        workers_kill_timeout=settings.shutdown_timeout_s,
         log_access=False,
     )
     server.serve()

@@ -6,6 +6,8 @@ error as problem+json, and adds /healthz, /readyz and /metrics.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -139,6 +141,21 @@ class CatchAllMiddleware:
             log.exception("unhandled error", extra={"path": scope.get("path")})
             if not started:
                 await send_problem(send, 500, "internal-error", "an unexpected error occurred")
+        except asyncio.CancelledError:
+            # The server cancels what is still running when its shutdown timeout runs out
+            # (uvicorn's --timeout-graceful-shutdown): say so, rather than its bare 500.
+            if not started:
+                log.warning("request cut off by shutdown", extra={"path": scope.get("path")})
+                with contextlib.suppress(Exception):
+                    await send_problem(
+                        send,
+                        503,
+                        "overloaded",
+                        "the server is shutting down; try again",
+                        headers=[(b"retry-after", b"1")],
+                        close=True,
+                    )
+            raise
 
 
 def health_router(get_state: Callable[[Request], ServiceState]) -> APIRouter:

@@ -115,6 +115,12 @@ class CommonSettings(BaseSettings):
     )
 
     # granian options for `shopstack serve` (a service may change its defaults).
+    shutdown_timeout_s: int = Field(
+        default=10,
+        ge=1,
+        le=300,
+        description="on SIGTERM, time in-flight requests get to finish before the worker is killed",
+    )
     granian_backlog: int = Field(
         default=2048, ge=128, le=65_535, description="listen backlog (capped by somaxconn)"
     )
