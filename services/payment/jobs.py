@@ -206,8 +206,14 @@ class Jobs:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        # Cancel until they end: a single cancel can be swallowed by a loop's own
+        # asyncio.timeout() expiring at the same moment (Python 3.11), and the loop
+        # would then run on, holding up the shutdown.
+        pending = {task for task in self._tasks if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

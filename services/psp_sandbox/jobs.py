@@ -40,6 +40,7 @@ class CallbackDispatcher:
         self._acks: list[str] = []
         self._acks_queued = asyncio.Event()
         self._acker: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         if not self.url:
@@ -51,8 +52,15 @@ class CallbackDispatcher:
         self._acker = asyncio.create_task(self._acknowledge(), name="psp-callback-acks")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
         if self._loop is not None:
-            self._loop.cancel()
+            # Cancel until it ends: a single cancel can be swallowed by the poll's own
+            # asyncio.timeout() expiring at the same moment (Python 3.11), and the loop
+            # would then run on, holding up the shutdown (seen under uvicorn, SHD-1).
+            while not self._loop.done():
+                self._loop.cancel()
+                await asyncio.wait({self._loop}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
         for task in list(self._tasks):
@@ -73,7 +81,7 @@ class CallbackDispatcher:
     async def _run(self) -> None:
         lease_ms = int((self.settings.psp_callback_timeout_s + 5) * 1000)
         limit = self.settings.psp_callback_concurrency
-        while True:
+        while not self._stopping:
             self.wakeup.clear()  # a kick from now on claims again
             try:
                 deliveries = await self.store.claim_callbacks(lease_ms=lease_ms, limit=limit)

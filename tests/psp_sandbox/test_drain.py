@@ -39,11 +39,13 @@ SHUTDOWN_S = 3
 
 
 def _env(redis_url: str, prefix: str, latency_ms: int) -> dict[str, str]:
-    """No callback URL: the HTTP drain is the subject here, not the callback dispatcher."""
     return {
         "SHOPSTACK_ENV": "test",
         "SHOPSTACK_REDIS_URL": redis_url,
         "SHOPSTACK_PSP_LATENCY_MS": str(latency_ms),
+        # Nobody listens there: the dispatcher is busy failing and retrying callbacks
+        # while the server stops, and must not hold the shutdown up.
+        "SHOPSTACK_PSP_CALLBACK_URL": "http://127.0.0.1:9/unused",
         "SHOPSTACK_PSP_KEY_PREFIX": prefix,
         "SHOPSTACK_SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S),
     }
