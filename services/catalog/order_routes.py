@@ -164,29 +164,22 @@ async def internal_order(request: FastRequest) -> FastReply:
     )
 
 
-def _payment_step(step: Callable[..., Awaitable[Any]]) -> FastHandler:
+def _payment_step(
+    step: Callable[..., Awaitable[Any]], body: type[PaymentRef] = PaymentRef
+) -> FastHandler:
+    """The handler of an internal call: the order from the path, the rest from the body
+    (its fields are the step's keyword arguments)."""
+
     async def handler(request: FastRequest) -> FastReply:
         state: CatalogState = request.state
         order_id = path_uuid(request, "order_id")
-        ref = parse_body(PaymentRef, request.body)
-        return _internal(
-            await step(inv=state.inventory, order_id=order_id, payment_id=ref.payment_id)
-        )
+        ref = parse_body(body, request.body)
+        return _internal(await step(inv=state.inventory, order_id=order_id, **dict(ref)))
 
     return handler
 
 
-async def hold(request: FastRequest) -> FastReply:
-    state: CatalogState = request.state
-    order_id = path_uuid(request, "order_id")
-    ref = parse_body(HoldRef, request.body)
-    return _internal(
-        await orders.hold_order(
-            inv=state.inventory, order_id=order_id, payment_id=ref.payment_id, user_id=ref.user_id
-        )
-    )
-
-
+hold = _payment_step(orders.hold_order, HoldRef)
 paid = _payment_step(orders.mark_order_paid)
 release = _payment_step(orders.release_hold)
 

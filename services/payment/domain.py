@@ -39,6 +39,7 @@ log = logging.getLogger("shopstack.payment")
 RANK = {"created": 0, "pending": 1, "failed": 2, "succeeded": 3}
 FINAL = frozenset({"succeeded", "failed"})
 JSON_HEADERS = {"content-type": "application/json"}
+_JSON_HEADERS_TEXT = orjson.dumps(JSON_HEADERS).decode()  # as stored under a key
 
 
 def api_status(status: str) -> str:
@@ -121,9 +122,7 @@ async def record_outcome(
     answer = None
     if claim is not None:
         expected = payment_body({**dict(payment), "status": status})
-        answer = storage.KeyAnswer(
-            claim.user_id, claim.key, 201, orjson.dumps(JSON_HEADERS).decode(), expected
-        )
+        answer = storage.KeyAnswer(claim.user_id, claim.key, 201, _JSON_HEADERS_TEXT, expected)
     changed = await apply_outcome(
         state.db,
         payment_id=payment["id"],

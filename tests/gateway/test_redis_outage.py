@@ -19,13 +19,10 @@ import httpx
 import psutil
 import pytest
 
-from services.catalog.seed import seed_products
 from services.common.embedded import EmbeddedRedis
-from services.gateway.seed import seed_users
-from services.gateway.settings import GatewaySettings
 from tests.support.problems import assert_problem
-from tests.support.servers import free_port, free_port_block, migrated_database
-from tests.support.stack import RunningStack, start_stack, stop_stack
+from tests.support.servers import free_port
+from tests.support.stack import RunningStack, private_stack
 
 ORDER = "/api/v1/orders"
 
@@ -42,33 +39,14 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedi
 def outage_stack(
     servers: tuple[str, str], own_redis: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RunningStack, str]]:
-    with migrated_database(servers[0]) as dsn:
-        env = {
-            "SHOPSTACK_ENV": "test",
-            "SHOPSTACK_DATABASE_URL": dsn,
-            "SHOPSTACK_REDIS_URL": own_redis.url,
-            "SHOPSTACK_LOG_LEVEL": "WARNING",
-        }
-
-        async def seed() -> None:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await seed_products(conn, 20)
-                settings = GatewaySettings(database_url=dsn, redis_url=own_redis.url)
-                await seed_users(conn, settings, 2)
-            finally:
-                await conn.close()
-
-        asyncio.run(seed())
-        running = start_stack(
-            base_port=free_port_block([0, 1, 2, 3, 9]),
-            env=env,
-            log_path=tmp_path_factory.mktemp("flt4-stack") / "up.log",
-        )
-        try:
-            yield running, dsn
-        finally:
-            assert stop_stack(running) == []
+    with private_stack(
+        servers[0],
+        redis_url=own_redis.url,
+        log_dir=tmp_path_factory.mktemp("flt4-stack"),
+        products=20,
+        users=2,
+    ) as found:
+        yield found
 
 
 def _kill_redis(redis: EmbeddedRedis) -> None:

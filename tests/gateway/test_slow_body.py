@@ -10,20 +10,17 @@ deadline. Meanwhile the same workers keep answering everyone else.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
-import asyncpg
 import httpx
 import pytest
 
-from services.catalog.seed import seed_products
 from services.common.embedded import EmbeddedRedis
-from tests.support.servers import free_port, free_port_block, migrated_database
-from tests.support.stack import RunningStack, start_stack, stop_stack
+from tests.support.servers import free_port
+from tests.support.stack import RunningStack, private_stack
 
 DEADLINE_S = 2.0
 SLOWLORIS_CONNECTIONS = 500
@@ -35,36 +32,20 @@ def slow_stack(
 ) -> Iterator[RunningStack]:
     # A Redis of its own: the session's stack keeps its gate in the shared test Redis.
     redis = EmbeddedRedis(tmp_path_factory.mktemp("in6-redis"), port=free_port())
-    redis_url = redis.start()
-    with migrated_database(servers[0]) as dsn:
-
-        async def seed() -> None:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await seed_products(conn, 5)
-            finally:
-                await conn.close()
-
-        asyncio.run(seed())
-        env = {
-            "SHOPSTACK_ENV": "test",
-            "SHOPSTACK_DATABASE_URL": dsn,
-            "SHOPSTACK_REDIS_URL": redis_url,
-            "SHOPSTACK_LOG_LEVEL": "WARNING",
-            "SHOPSTACK_BODY_READ_TIMEOUT_S": str(DEADLINE_S),
-            "SHOPSTACK_HEADER_READ_TIMEOUT_MS": str(int(DEADLINE_S * 1000)),
-        }
-        running = start_stack(
-            base_port=free_port_block([0, 1, 2, 3, 9]),
-            env=env,
-            log_path=tmp_path_factory.mktemp("in6-stack") / "up.log",
-        )
-        try:
+    try:
+        with private_stack(
+            servers[0],
+            redis_url=redis.start(),
+            log_dir=tmp_path_factory.mktemp("in6-stack"),
+            products=5,
+            env={
+                "SHOPSTACK_BODY_READ_TIMEOUT_S": str(DEADLINE_S),
+                "SHOPSTACK_HEADER_READ_TIMEOUT_MS": str(int(DEADLINE_S * 1000)),
+            },
+        ) as (running, _):
             yield running
-        finally:
-            leftovers = stop_stack(running)
-            redis.stop()
-            assert leftovers == []
+    finally:
+        redis.stop()
 
 
 class Trickle(threading.Thread):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import asyncpg
 import httpx
 import psutil
 
@@ -91,3 +95,50 @@ def ready(url: str) -> bool:
         return httpx.get(url + "/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@contextmanager
+def private_stack(
+    admin_dsn: str,
+    *,
+    redis_url: str,
+    log_dir: Path,
+    products: int,
+    users: int = 0,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[RunningStack, str]]:
+    """A whole stack of its own: a fresh migrated database seeded with `products` and
+    `users` demo rows, the given Redis, extra `env`. Yields (stack, database DSN)."""
+    from services.catalog.seed import seed_products
+    from services.gateway.seed import seed_users
+    from services.gateway.settings import GatewaySettings
+    from tests.support.servers import free_port_block, migrated_database
+
+    with migrated_database(admin_dsn) as dsn:
+
+        async def seed() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await seed_products(conn, products)
+                if users:
+                    settings = GatewaySettings(database_url=dsn, redis_url=redis_url)
+                    await seed_users(conn, settings, users)
+            finally:
+                await conn.close()
+
+        asyncio.run(seed())
+        running = start_stack(
+            base_port=free_port_block([0, 1, 2, 3, 9]),
+            env={
+                "SHOPSTACK_ENV": "test",
+                "SHOPSTACK_DATABASE_URL": dsn,
+                "SHOPSTACK_REDIS_URL": redis_url,
+                "SHOPSTACK_LOG_LEVEL": "WARNING",
+                **(env or {}),
+            },
+            log_path=log_dir / "up.log",
+        )
+        try:
+            yield running, dsn
+        finally:
+            assert stop_stack(running) == []
