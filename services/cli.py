@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from granian.server import Server
 
     settings = _service_settings(service)
+    _set_sched_policy(settings.cpu_sched_policy)
     server = Server(
         APP_FACTORIES[service],
         address=settings.host,
@@ -54,6 +55,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server.serve()
     return 0
+
+
+def _set_sched_policy(policy: str) -> None:
+    """Give this process (and the workers and threads it starts) a scheduling policy.
+
+    SCHED_BATCH turns off wake-up preemption: a service that wakes another (a reply on a
+    local socket) keeps the core until it waits itself, instead of being switched out at
+    once. Where several services share a saturated core, that cuts the CPU each request
+    costs; see docs/benchmarks-payments.md. Lowering the policy needs no privilege.
+    """
+    if policy != "batch" or not hasattr(os, "SCHED_BATCH"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as exc:  # a sandbox (seccomp) may refuse: run with the default policy
+        print(f"shopstack: SCHED_BATCH refused ({exc}); default policy kept", file=sys.stderr)
 
 
 def _service_settings(service: str) -> CommonSettings:

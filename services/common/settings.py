@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -120,6 +120,11 @@ class CommonSettings(BaseSettings):
         ge=1,
         le=300,
         description="on SIGTERM, time in-flight requests get to finish before the worker is killed",
+    )
+    cpu_sched_policy: Literal["batch", "other"] = Field(
+        default="batch",
+        description="Linux scheduling policy of the server processes: batch (no wake-up "
+        "preemption, so services sharing a busy core switch less often) or other (the default)",
     )
     granian_backlog: int = Field(
         default=2048, ge=128, le=65_535, description="listen backlog (capped by somaxconn)"
