@@ -35,6 +35,8 @@ from loadtests.slo import SloFileError, evaluate, load_slo
 from loadtests.statsprobe import StatsProbe
 from services.common.launcher import read_stack_file
 
+PROVIDER = "psp_sandbox"  # outside the stack in production: placed by CpuPlan.provider
+
 
 def _pairs(text: str, kind: type[float] | type[int]) -> dict[str, Any]:
     """ "name=N,other=M" (or a bare N meaning every scenario) -> {name: N}."""
@@ -109,9 +111,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-duration", type=float, default=d.calibration_duration_s)
     p.add_argument(
         "--pin",
-        choices=("auto", "none"),
+        choices=("auto", "provider-inside", "none"),
         default=d.pin,
-        help="auto: generator on the last CPU, services on the others (taskset)",
+        help="auto: generator and provider sandbox on the last CPU, the other services on "
+        "the others (taskset); provider-inside: the sandbox with the services",
     )
     p.add_argument(
         "--database-url",
@@ -226,8 +229,13 @@ def run(opts: Options, slo_path: Path | None) -> tuple[int, dict[str, Any], Path
             session.calibration = calibrate.calibrate(
                 shapes, duration_s=opts.calibration_duration_s, plan=plan, workdir=workdir
             )
-        services = [g for name, g in groups.items() if name in SERVICES]
-        with Pinning(services, plan.services), StatsProbe(opts.target) as probe:
+        services = [g for name, g in groups.items() if name in SERVICES and name != PROVIDER]
+        provider = [g for name, g in groups.items() if name == PROVIDER]
+        with (
+            Pinning(services, plan.services),
+            Pinning(provider, plan.provider),
+            StatsProbe(opts.target) as probe,
+        ):
             for name in opts.scenarios:
                 results += execute(SCENARIOS[name], session)
         session.ledger.stats_available = probe.available and bool(probe.replies)

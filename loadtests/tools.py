@@ -46,7 +46,7 @@ def version(name: str) -> str:
     return "unknown"
 
 
-PinMode = Literal["auto", "none"]
+PinMode = Literal["auto", "provider-inside", "none"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,14 @@ class CpuPlan:
     generator: tuple[int, ...] | None = None
     services: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
+    # The provider sandbox stands in for a party outside the stack: by default it runs
+    # beside the generator, so its CPU does not count against the services'.
+    provider_outside: bool = True
+
+    @property
+    def provider(self) -> tuple[int, ...] | None:
+        """The CPUs of the provider sandbox."""
+        return self.generator if self.provider_outside else self.services
 
     @property
     def generator_threads(self) -> int:
@@ -72,11 +80,20 @@ class CpuPlan:
             return "unpinned (" + "; ".join(self.notes or ["pinning disabled"]) + ")"
         services = ",".join(str(c) for c in self.services or ())
         generator = ",".join(str(c) for c in self.generator)
+        if self.provider_outside:
+            return (
+                f"load generator and the provider sandbox on CPU {generator}, "
+                f"the other services on CPU {services} (taskset)"
+            )
         return f"load generator on CPU {generator}, services on CPU {services} (taskset)"
 
 
 def plan_cpus(mode: PinMode = "auto") -> CpuPlan:
-    """Give the generator the last CPU(s) (a quarter, at least one) and the services the rest."""
+    """Give the generator the last CPU(s) (a quarter, at least one) and the services the rest.
+
+    `auto` puts the provider sandbox with the generator (a real provider runs elsewhere);
+    `provider-inside` counts it among the services.
+    """
     cpus = sorted(os.sched_getaffinity(0))
     if mode == "none":
         return CpuPlan(notes=["--pin none"])
@@ -85,4 +102,8 @@ def plan_cpus(mode: PinMode = "auto") -> CpuPlan:
     if shutil.which("taskset") is None:
         return CpuPlan(notes=["taskset not found (apt-get install -y util-linux)"])
     count = max(1, len(cpus) // 4)
-    return CpuPlan(generator=tuple(cpus[-count:]), services=tuple(cpus[:-count]))
+    return CpuPlan(
+        generator=tuple(cpus[-count:]),
+        services=tuple(cpus[:-count]),
+        provider_outside=mode != "provider-inside",
+    )
