@@ -106,7 +106,7 @@ class GatewayState:
             ttl_s=settings.jwt_ttl_s,
             cache_entries=settings.gateway_token_cache_entries,
         )
-        self.limiter = RateLimiter(client)
+        self.limiter = RateLimiter(client, timeout_s=settings.redis_timeout_s)
         self.ip_bucket = Bucket(settings.login_ip_rate_per_s, settings.login_ip_burst)
         self.failure_bucket = Bucket(
             settings.login_failure_rate_per_s, settings.login_failure_burst
