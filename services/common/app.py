@@ -20,7 +20,14 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.asgi import ASGIApp, Message, Receive, Scope, Send
-from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, code_for_status, problem_body
+from services.common.errors import (
+    PROBLEM_CONTENT_TYPE,
+    STORE_UNAVAILABLE,
+    Problem,
+    UpstreamUnavailable,
+    code_for_status,
+    problem_body,
+)
 from services.common.fastlane import FastLane, FastRoute, ServiceApp
 from services.common.health import Check, failing_checks
 from services.common.logs import configure_logging
@@ -118,7 +125,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class CatchAllMiddleware:
-    """Turns any unhandled exception into a plain 500 problem, logged with its trace."""
+    """Turns any unhandled exception into a plain 500 problem, logged with its trace.
+
+    Postgres or Redis not answering (STORE_UNAVAILABLE) is a 503 upstream-unavailable
+    with Retry-After instead: the request was fine and may succeed when retried.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -137,6 +148,20 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except STORE_UNAVAILABLE as exc:
+            log.warning(
+                "a backing store is unavailable",
+                extra={"path": scope.get("path"), "error": repr(exc)},
+            )
+            if not started:
+                await send_problem(
+                    send,
+                    503,
+                    UpstreamUnavailable.code,
+                    "a backing store is unavailable; try again",
+                    headers=[(b"retry-after", b"1")],
+                    title=UpstreamUnavailable.title,
+                )
         except Exception:
             log.exception("unhandled error", extra={"path": scope.get("path")})
             if not started:

@@ -31,6 +31,8 @@ async def open_pool(settings: CommonSettings) -> AsyncIterator[asyncpg.Pool]:
         max_size=settings.db_pool_max,
         command_timeout=settings.db_command_timeout_s,
         max_inactive_connection_lifetime=60.0,
+        # The connect timeout. acquire() has none of its own: a waiter waits until a
+        # connection frees up or fails (FLT-3 derives that bound).
         timeout=settings.db_command_timeout_s,
         reset=keep_session,
     )

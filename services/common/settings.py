@@ -72,7 +72,10 @@ class CommonSettings(BaseSettings):
         default=10, ge=1, le=200, description="asyncpg pool maximum size, per worker process"
     )
     db_command_timeout_s: float = Field(
-        default=5.0, gt=0, le=120, description="timeout of every SQL statement and of pool acquire"
+        default=5.0,
+        gt=0,
+        le=120,
+        description="timeout of every SQL statement and of opening a connection",
     )
     redis_pool_max: int = Field(
         default=50,
@@ -81,7 +84,11 @@ class CommonSettings(BaseSettings):
         description="Redis connections per worker process (callers wait, bounded)",
     )
     redis_timeout_s: float = Field(
-        default=1.0, gt=0, le=60, description="connect, command and pool-wait timeout for Redis"
+        default=1.0,
+        gt=0,
+        le=60,
+        description="connect, command and pool-wait timeout for Redis; the gateway's Redis "
+        "budget per request (rate limits fail open past it, login fails closed)",
     )
 
     max_body_bytes: int = Field(

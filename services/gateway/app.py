@@ -28,12 +28,14 @@ from services.common import settings as common_settings
 from services.common.asgi import Receive, Scope, Send
 from services.common.errors import (
     PROBLEM_CONTENT_TYPE,
+    STORE_UNAVAILABLE,
     NotFound,
     Overloaded,
     Problem,
     RateLimited,
     RequestTimeout,
     Unauthorized,
+    UpstreamUnavailable,
     problem_bytes,
 )
 from services.common.flags import SoldOutFlags
@@ -104,7 +106,7 @@ class GatewayState:
             ttl_s=settings.jwt_ttl_s,
             cache_entries=settings.gateway_token_cache_entries,
         )
-        self.limiter = RateLimiter(client)
+        self.limiter = RateLimiter(client, timeout_s=settings.redis_timeout_s)
         self.ip_bucket = Bucket(settings.login_ip_rate_per_s, settings.login_ip_burst)
         self.failure_bucket = Bucket(
             settings.login_failure_rate_per_s, settings.login_failure_burst
@@ -376,6 +378,14 @@ class Gateway:
                 reply = await self.forward(route, request, rid)
         except Problem as exc:
             reply = problem_reply(exc)
+        except STORE_UNAVAILABLE as exc:
+            # Postgres or Redis did not answer (login's user lookup): retryable, not a 500.
+            log.warning(
+                "a backing store is unavailable", extra={"path": request.path, "error": repr(exc)}
+            )
+            reply = problem_reply(
+                UpstreamUnavailable("a backing store is unavailable; try again", retry_after_s=1)
+            )
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             reply = Reply(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import asyncpg
@@ -36,24 +37,32 @@ async def login(
     Every attempt spends from the client's bucket; failures spend from the
     username's bucket too, so guessing one account is throttled however many
     addresses it comes from. Without Redis, login fails closed.
+
+    The Redis calls share one budget (the limiter's timeout), counted from the
+    start: a slow Redis cannot hold a login much past it. A failure is always
+    sent; past the budget the login stops waiting for its answer.
     """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        by_ip = await limiter.take(f"login-ip:{client_ip}", ip_bucket)
-        by_user = await limiter.peek(f"login-fail:{username}", failure_bucket)
+        decision = await limiter.take_then_peek(
+            (f"login-ip:{client_ip}", ip_bucket), (f"login-fail:{username}", failure_bucket)
+        )
     except RedisError as exc:
         log.error("rate limiter unavailable; refusing logins", extra={"error": str(exc)})
         raise UpstreamUnavailable("login is unavailable right now", retry_after_s=1) from None
-    for decision in (by_ip, by_user):
-        if not decision.allowed:
-            raise RateLimited("too many login attempts", retry_after_s=decision.retry_after_s)
+    if not decision.allowed:
+        raise RateLimited("too many login attempts", retry_after_s=decision.retry_after_s)
 
     row = await storage.fetch_user(pool, username)
     ok = await passwords.verify(row["password_hash"] if row else None, password)
     if not ok or row is None:
+        budget = limiter.timeout_s
+        left = None if budget is None else max(0.0, budget - (loop.time() - started))
         try:
-            await limiter.take(f"login-fail:{username}", failure_bucket)
+            await limiter.take(f"login-fail:{username}", failure_bucket, timeout_s=left)
         except RedisError:
-            log.warning("could not record a failed login", extra={"username": username})
+            log.warning("a failed login was not confirmed by Redis", extra={"username": username})
         raise Unauthorized(BAD_CREDENTIALS)
     if passwords.needs_rehash(row["password_hash"]):
         try:

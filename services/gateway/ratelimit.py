@@ -9,6 +9,10 @@ calls made in one turn of the event loop travel together in one pipeline: each
 script still runs atomically and in arrival order, and every caller gets its
 own answer or error, but the client's per-command work (pool checkout, retry
 wrapper, release) is paid once per batch instead of once per request.
+
+A caller waits for its answer at most `timeout_s` (the Redis budget of a request,
+SHOPSTACK_REDIS_TIMEOUT_S) and then gets a redis TimeoutError, however slow Redis or
+a new connection's handshake is; the command itself still goes out with its batch.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # KEYS: buckets, in order. ARGV: per bucket rate, burst, cost, consume (1/0).
 # Buckets are taken in order and the first that cannot pay stops the run (the ones
@@ -77,15 +82,23 @@ MAX_BATCH = 256  # commands per pipeline; more arrivals in one turn go as severa
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, *, prefix: str = "ratelimit") -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str = "ratelimit", timeout_s: float | None = None
+    ) -> None:
         self._redis = redis
         self.prefix = prefix
+        self.timeout_s = timeout_s
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def take(self, key: str, bucket: Bucket, cost: int = 1) -> Decision:
-        """Take `cost` tokens if there are enough; RedisError propagates (callers fail closed)."""
-        return await self._run([(key, bucket)], cost, consume=True)
+    async def take(
+        self, key: str, bucket: Bucket, cost: int = 1, *, timeout_s: float | None = None
+    ) -> Decision:
+        """Take `cost` tokens if there are enough; RedisError propagates (callers fail closed).
+
+        `timeout_s` overrides the limiter's wait for the answer (a request's budget left).
+        """
+        return await self._run([(key, bucket, True)], cost, timeout_s)
 
     async def take_each(self, *buckets: tuple[str, Bucket]) -> Decision:
         """`take` one token from each bucket in order, in one round trip.
@@ -93,24 +106,32 @@ class RateLimiter:
         The first bucket that cannot pay refuses the whole request; the buckets
         before it keep what they paid, as the same `take` calls in a row would.
         """
-        return await self._run(list(buckets), 1, consume=True)
+        return await self._run([(key, bucket, True) for key, bucket in buckets], 1)
+
+    async def take_then_peek(self, take: tuple[str, Bucket], peek: tuple[str, Bucket]) -> Decision:
+        """`take` a token from one bucket, then `peek` another, in one round trip.
+
+        As `take` then `peek` would: a refusal by the first leaves the second unasked.
+        """
+        return await self._run([(*take, True), (*peek, False)], 1)
 
     async def peek(self, key: str, bucket: Bucket, cost: int = 1) -> Decision:
         """Would `take` succeed? Takes nothing."""
-        return await self._run([(key, bucket)], cost, consume=False)
+        return await self._run([(key, bucket, False)], cost)
 
     async def _run(
-        self, buckets: list[tuple[str, Bucket]], cost: int, *, consume: bool
+        self, buckets: list[tuple[str, Bucket, bool]], cost: int, timeout_s: float | None = None
     ) -> Decision:
-        flag = "1" if consume else "0"
         command: list[Any] = ["EVALSHA", _TAKE_SHA, len(buckets)]
-        command += [f"{self.prefix}:{key}" for key, _ in buckets]
-        for _, bucket in buckets:
-            command += [bucket.rate_per_s, bucket.burst, cost, flag]
-        refused, wait = await self._call(tuple(command))
+        command += [f"{self.prefix}:{key}" for key, _, _ in buckets]
+        for _, bucket, consume in buckets:
+            command += [bucket.rate_per_s, bucket.burst, cost, "1" if consume else "0"]
+        refused, wait = await self._call(
+            tuple(command), self.timeout_s if timeout_s is None else timeout_s
+        )
         return Decision(int(refused) == 0, max(1, math.ceil(float(wait))))
 
-    async def _call(self, command: tuple[Any, ...]) -> Any:
+    async def _call(self, command: tuple[Any, ...], timeout_s: float | None) -> Any:
         """Queue one EVALSHA for the batch of this loop turn and wait for its own reply."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -119,7 +140,11 @@ class RateLimiter:
             task = loop.create_task(self._flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
-        return await future
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future  # on timeout the batch skips this (cancelled) future
+        except TimeoutError:
+            raise RedisTimeoutError(f"no answer from Redis within {timeout_s} s") from None
 
     async def _flush(self) -> None:
         batch, self._queue = self._queue, []

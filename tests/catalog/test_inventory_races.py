@@ -7,7 +7,6 @@ import random
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -21,7 +20,7 @@ from services.catalog.gate import Admission, InventoryGate, now_ms
 from services.catalog.inventory import Inventory, load_products
 from services.common.errors import LimitExceeded, Problem, SoldOut
 from tests.catalog.conftest import OPEN_SALE, assert_consistent, create_product
-from tests.catalog.faultproxy import DropReplyProxy
+from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -136,11 +135,10 @@ async def test_inv5_gate_rerun_decrements_once(inventory: Inventory, redis_url: 
     reservation id, and the stock still falls exactly once per id.
     """
     pid = await create_product(inventory, stock=5_000)
-    target = urlsplit(redis_url)
-    proxy = DropReplyProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    proxy = FaultProxy.for_url(redis_url)
     await proxy.start()
     client = Redis.from_url(
-        f"redis://127.0.0.1:{proxy.port}{target.path}",
+        proxy.url,
         retry=Retry(NoBackoff(), 3),
         retry_on_error=[RedisConnectionError],
         socket_timeout=2,
@@ -153,7 +151,7 @@ async def test_inv5_gate_rerun_decrements_once(inventory: Inventory, redis_url: 
         decisions = []
         for i in range(1_000):
             rid = str(uuid.uuid4())
-            proxy.drop_next = True
+            proxy.drop_next_reply()
             result = await gate.admit(
                 product_id=pid, rid=rid, user_id=f"inv5-{i}", quantity=1, at_ms=now_ms()
             )

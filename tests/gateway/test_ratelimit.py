@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
+import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.ratelimit import _TAKE_SHA, MAX_BATCH, Bucket, RateLimiter
+from tests.support.faultproxy import FaultProxy
 from tests.support.servers import free_port
 
 SLOW = Bucket(rate_per_s=0.001, burst=2)  # refills ~nothing during a test
@@ -123,3 +127,51 @@ async def test_a_turn_with_more_calls_than_one_pipeline_holds(rds: aioredis.Redi
     )
     assert sum(d.allowed for d in decisions) == MAX_BATCH + 50
     assert round(await tokens(rds, user)) == 0
+
+
+async def test_take_then_peek_in_one_round_trip_as_two_calls_would(rds: aioredis.Redis) -> None:
+    limiter = RateLimiter(rds)
+    ip, user = keys()
+    assert (await limiter.take_then_peek((ip, SLOW), (user, SLOW))).allowed
+    assert round(await tokens(rds, ip)) == 1
+    assert await rds.exists(f"ratelimit:{user}") == 0  # peeked, not written
+    await limiter.take(user, SLOW, cost=2)
+    # The peeked bucket refuses: the first keeps what it paid, as take-then-peek would.
+    refused = await limiter.take_then_peek((ip, SLOW), (user, SLOW))
+    assert not refused.allowed
+    assert refused.retry_after_s >= 1
+    assert round(await tokens(rds, ip)) == 0
+    # The first refuses: the second is not asked.
+    assert not (await limiter.take_then_peek((ip, SLOW), (user, ROOMY))).allowed
+
+
+async def test_a_caller_waits_at_most_its_timeout_and_the_command_still_runs(
+    rds: aioredis.Redis, redis_url: str
+) -> None:
+    user, _ = keys()
+    async with FaultProxy.for_url(redis_url) as proxy:
+        # One connection: every command waits for it instead of opening another
+        # (whose handshake, four round trips on the slow link, would blur the timings).
+        pool = aioredis.BlockingConnectionPool.from_url(proxy.url, max_connections=1, timeout=5)
+        slow = aioredis.Redis(connection_pool=pool)
+        limiter = RateLimiter(slow, timeout_s=0.1)
+        try:
+            await limiter.peek(user, ROOMY)  # connected before the link slows down
+            proxy.latency(400, direction="downstream")
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await limiter.take(user, ROOMY)
+            assert time.monotonic() - started < 0.3
+            with pytest.raises(RedisTimeoutError):
+                await limiter.take(user, ROOMY, timeout_s=0)  # sent, not waited for
+            # Both scripts ran in Redis all the same (the replies were what was slow).
+            for _ in range(300):
+                if round(await tokens(rds, user)) == 98:
+                    break
+                await asyncio.sleep(0.01)
+            assert round(await tokens(rds, user)) == 98
+            # A longer budget for one call gets its answer.
+            assert (await limiter.take(user, ROOMY, timeout_s=2)).allowed
+        finally:
+            await slow.aclose()
+            await pool.aclose()
