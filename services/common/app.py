@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.asgi import ASGIApp, Message, Receive, Scope, Send
+from services.common.db import unavailable_problem
 from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, code_for_status, problem_body
 from services.common.fastlane import FastLane, FastRoute, ServiceApp
 from services.common.health import Check, failing_checks
@@ -137,10 +138,28 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
-        except Exception:
-            log.exception("unhandled error", extra={"path": scope.get("path")})
+        except Exception as exc:
+            if (problem := unavailable_problem(exc)) is None:
+                log.exception("unhandled error", extra={"path": scope.get("path")})
+                if not started:
+                    await send_problem(send, 500, "internal-error", "an unexpected error occurred")
+                return
+            # Postgres restarting or unreachable: a retryable 503, one log line, no trace
+            # (at hundreds of requests a second, traces would flood the log).
+            log.warning(
+                "dependency unavailable",
+                extra={"path": scope.get("path"), "error": f"{type(exc).__name__}: {exc}"},
+            )
             if not started:
-                await send_problem(send, 500, "internal-error", "an unexpected error occurred")
+                headers = [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
+                await send_problem(
+                    send,
+                    problem.status,
+                    problem.code,
+                    problem.detail,
+                    title=problem.title,
+                    headers=headers,
+                )
         except asyncio.CancelledError:
             # The server cancels what is still running when its shutdown timeout runs out
             # (uvicorn's --timeout-graceful-shutdown): say so, rather than its bare 500.

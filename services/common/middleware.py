@@ -47,9 +47,10 @@ async def send_problem(
     *,
     headers: list[tuple[bytes, bytes]] | None = None,
     close: bool = False,
+    title: str | None = None,
 ) -> None:
     """Send a complete problem+json response."""
-    body = problem_bytes(status, code, detail)
+    body = problem_bytes(status, code, detail, title=title)
     raw_headers = [
         (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
         (b"content-length", str(len(body)).encode()),

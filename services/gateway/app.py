@@ -376,13 +376,19 @@ class Gateway:
                 reply = await self.forward(route, request, rid)
         except Problem as exc:
             reply = problem_reply(exc)
-        except Exception:
-            log.exception("unhandled error", extra={"path": request.path})
-            reply = Reply(
-                500,
-                [("content-type", PROBLEM_CONTENT_TYPE)],
-                problem_bytes(500, "internal-error", "an unexpected error occurred"),
-            )
+        except Exception as exc:
+            if (problem := db.unavailable_problem(exc)) is not None:
+                # Postgres restarting (the users table, at login): retryable, no trace.
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("dependency unavailable", extra={"path": request.path, "error": error})
+                reply = problem_reply(problem)
+            else:
+                log.exception("unhandled error", extra={"path": request.path})
+                reply = Reply(
+                    500,
+                    [("content-type", PROBLEM_CONTENT_TYPE)],
+                    problem_bytes(500, "internal-error", "an unexpected error occurred"),
+                )
         finally:
             self.stats.in_flight -= 1
             request_id_var.reset(token)
