@@ -23,6 +23,7 @@ from services.catalog import storage
 from services.catalog.gate import Admission, now_ms
 from services.catalog.inventory import Inventory, announce_stock_restored, load_products
 from services.catalog.metrics import GATE_CALLS, ORDER_ATTEMPTS, ORDERS_EXPIRED
+from services.common.db import PG_UNAVAILABLE
 from services.common.errors import (
     Conflict,
     LimitExceeded,
@@ -34,9 +35,6 @@ from services.common.errors import (
 )
 
 log = logging.getLogger("shopstack.catalog.orders")
-
-# Errors that mean "Postgres did not answer": the caller may retry.
-PG_UNAVAILABLE = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 class OrderNotCancellable(Conflict):

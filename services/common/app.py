@@ -20,19 +20,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.asgi import ASGIApp, Message, Receive, Scope, Send
-from services.common.errors import (
-    PROBLEM_CONTENT_TYPE,
-    STORE_UNAVAILABLE,
-    Problem,
-    UpstreamUnavailable,
-    code_for_status,
-    problem_body,
-)
+from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, code_for_status, problem_body
 from services.common.fastlane import FastLane, FastRoute, ServiceApp
 from services.common.health import Check, failing_checks
 from services.common.logs import configure_logging
 from services.common.metrics import METRICS_CONTENT_TYPE, render_metrics
 from services.common.middleware import BodyGuardMiddleware, ObservabilityMiddleware, send_problem
+from services.common.outage import unavailable_problem
 from services.common.settings import CommonSettings
 
 log = logging.getLogger("shopstack.app")
@@ -125,11 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class CatchAllMiddleware:
-    """Turns any unhandled exception into a plain 500 problem, logged with its trace.
-
-    Postgres or Redis not answering (STORE_UNAVAILABLE) is a 503 upstream-unavailable
-    with Retry-After instead: the request was fine and may succeed when retried.
-    """
+    """Turns any unhandled exception into a plain 500 problem, logged with its trace."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -148,24 +138,28 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
-        except STORE_UNAVAILABLE as exc:
+        except Exception as exc:
+            if (problem := unavailable_problem(exc)) is None:
+                log.exception("unhandled error", extra={"path": scope.get("path")})
+                if not started:
+                    await send_problem(send, 500, "internal-error", "an unexpected error occurred")
+                return
+            # Postgres restarting or unreachable: a retryable 503, one log line, no trace
+            # (at hundreds of requests a second, traces would flood the log).
             log.warning(
-                "a backing store is unavailable",
-                extra={"path": scope.get("path"), "error": repr(exc)},
+                "dependency unavailable",
+                extra={"path": scope.get("path"), "error": f"{type(exc).__name__}: {exc}"},
             )
             if not started:
+                headers = [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
                 await send_problem(
                     send,
-                    503,
-                    UpstreamUnavailable.code,
-                    "a backing store is unavailable; try again",
-                    headers=[(b"retry-after", b"1")],
-                    title=UpstreamUnavailable.title,
+                    problem.status,
+                    problem.code,
+                    problem.detail,
+                    title=problem.title,
+                    headers=headers,
                 )
-        except Exception:
-            log.exception("unhandled error", extra={"path": scope.get("path")})
-            if not started:
-                await send_problem(send, 500, "internal-error", "an unexpected error occurred")
         except asyncio.CancelledError:
             # The server cancels what is still running when its shutdown timeout runs out
             # (uvicorn's --timeout-graceful-shutdown): say so, rather than its bare 500.

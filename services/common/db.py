@@ -10,6 +10,24 @@ from asyncpg.pool import PoolConnectionProxy
 
 from services.common.settings import CommonSettings
 
+# Errors that mean "Postgres did not answer": it is down, restarting, unreachable or too
+# slow. The request may be retried, so it is a 503 with Retry-After, never a 500.
+PG_UNAVAILABLE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,  # 08xxx, ConnectionDoesNotExistError among them
+    asyncpg.AdminShutdownError,  # 57P01: session ended by a fast shutdown or restart
+    asyncpg.CrashShutdownError,  # 57P02: another backend crashed
+    asyncpg.CannotConnectNowError,  # 57P03: starting up or shutting down
+    asyncpg.TooManyConnectionsError,  # 53300
+    asyncpg.InterfaceError,  # "connection is closed": it died between acquire and use
+    # An idle session told 57P01 is out of step ("another operation is in progress")
+    # until asyncpg reads the EOF behind it; the pool may hand it out meanwhile (FLT-2).
+    asyncpg.InternalClientError,
+    OSError,  # refused, reset, unreachable
+    TimeoutError,  # connect, acquire or command timeout
+)
+# InterfaceErrors that are our own mistakes, not an outage: a 500 should show them.
+PG_NOT_AN_OUTAGE = (asyncpg.DataError, asyncpg.ClientConfigurationError)
+
 
 async def keep_session(conn: asyncpg.Connection) -> None:
     """Release without the reset query asyncpg sends by default.

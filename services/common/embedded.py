@@ -186,6 +186,20 @@ class EmbeddedPostgres:
             raise
         return self.dsn
 
+    def restart(self, *, mode: str = "fast", timeout_s: float = 60.0) -> None:
+        """`pg_ctl restart -m MODE`: same data dir, port and options; returns once it is up.
+
+        Clients see what a production restart does to them: fast mode ends every session
+        (57P01), new connections are refused or told "starting up" (57P03) until it is back.
+        """
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"unknown shutdown mode {mode!r}")
+        deadline = time.monotonic() + timeout_s
+        wait_s = str(max(1, int(timeout_s)))
+        # Without -o, pg_ctl starts the server again with the options in postmaster.opts.
+        ctl = ["-D", str(self._pgdata), "-w", "-t", wait_s, "-l", str(self._log), "-m", mode]
+        self._run("pg_ctl", *ctl, "restart", deadline=deadline)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Fast-shut-down the server on this data dir; a no-op if none is running."""
         procs = _processes_in(self._pgdata, "postgres")

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import asyncpg
 import orjson
-from redis import exceptions as redis_errors
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
-# Postgres or Redis did not answer in time, or the connection to it is gone. A retry
-# may well succeed, so the catch-alls answer 503 upstream-unavailable, not 500.
-STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    ConnectionError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.ConnectionDoesNotExistError,
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-)
 
 _TITLES: dict[int, str] = {
     400: "Bad Request",

@@ -28,20 +28,19 @@ from services.common import settings as common_settings
 from services.common.asgi import Receive, Scope, Send
 from services.common.errors import (
     PROBLEM_CONTENT_TYPE,
-    STORE_UNAVAILABLE,
     NotFound,
     Overloaded,
     Problem,
     RateLimited,
     RequestTimeout,
     Unauthorized,
-    UpstreamUnavailable,
     problem_bytes,
 )
 from services.common.flags import SoldOutFlags
 from services.common.health import failing_checks
 from services.common.logs import configure_logging, request_id_var
 from services.common.metrics import METRICS_CONTENT_TYPE, RequestStats, render_metrics
+from services.common.outage import unavailable_problem
 from services.common.tasks import BackgroundTasks
 from services.gateway import domain
 from services.gateway.clientip import TrustedProxies
@@ -378,21 +377,19 @@ class Gateway:
                 reply = await self.forward(route, request, rid)
         except Problem as exc:
             reply = problem_reply(exc)
-        except STORE_UNAVAILABLE as exc:
-            # Postgres or Redis did not answer (login's user lookup): retryable, not a 500.
-            log.warning(
-                "a backing store is unavailable", extra={"path": request.path, "error": repr(exc)}
-            )
-            reply = problem_reply(
-                UpstreamUnavailable("a backing store is unavailable; try again", retry_after_s=1)
-            )
-        except Exception:
-            log.exception("unhandled error", extra={"path": request.path})
-            reply = Reply(
-                500,
-                [("content-type", PROBLEM_CONTENT_TYPE)],
-                problem_bytes(500, "internal-error", "an unexpected error occurred"),
-            )
+        except Exception as exc:
+            if (problem := unavailable_problem(exc)) is not None:
+                # Postgres or Redis not answering (login): retryable, no trace.
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("dependency unavailable", extra={"path": request.path, "error": error})
+                reply = problem_reply(problem)
+            else:
+                log.exception("unhandled error", extra={"path": request.path})
+                reply = Reply(
+                    500,
+                    [("content-type", PROBLEM_CONTENT_TYPE)],
+                    problem_bytes(500, "internal-error", "an unexpected error occurred"),
+                )
         finally:
             self.stats.in_flight -= 1
             request_id_var.reset(token)

@@ -6,11 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
+import pytest
 from fastapi import APIRouter, Request
 
 from services.common.app import ServiceState, build_app
 from services.common.settings import CommonSettings
 from tests.support.asgi import client_for
+from tests.support.problems import assert_problem
 
 router = APIRouter()
 
@@ -18,6 +21,30 @@ router = APIRouter()
 @router.get("/boom")
 async def boom() -> dict[str, str]:
     raise RuntimeError("secret internals /etc/passwd")
+
+
+# What asyncpg raises while Postgres restarts or is unreachable (FLT-2 sees them for real),
+# and the errors that are our own mistakes.
+OUTAGES: dict[str, Exception] = {
+    "gone": asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    "admin-shutdown": asyncpg.AdminShutdownError("terminating connection due to administrator"),
+    "starting": asyncpg.CannotConnectNowError("the database system is starting up"),
+    "closed": asyncpg.InterfaceError("cannot call Connection.fetch(): connection is closed"),
+    "out-of-step": asyncpg.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    ),
+    "refused": ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)"),
+    "timeout": TimeoutError(),
+}
+BUGS: dict[str, Exception] = {
+    "bad-argument": asyncpg.DataError("invalid input for query argument $1: 'x'"),
+    "syntax": asyncpg.PostgresSyntaxError('syntax error at or near "SELEC"'),
+}
+
+
+@router.get("/fail/{name}")
+async def fail(name: str) -> dict[str, str]:
+    raise {**OUTAGES, **BUGS}[name]
 
 
 @router.post("/echo")
@@ -46,6 +73,24 @@ async def test_unhandled_errors_are_plain_500_problems() -> None:
     assert "secret internals" not in resp.text
     assert "Traceback" not in resp.text
     assert resp.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("name", OUTAGES)
+async def test_database_outages_are_retryable_503_problems(name: str) -> None:
+    async with client_for(make_app()) as client:
+        resp = await client.get(f"/fail/{name}")
+    doc = assert_problem(resp, 503, "upstream-unavailable")
+    assert doc["title"] == "Upstream Unavailable"
+    assert resp.headers["retry-after"] == "1"
+    assert resp.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("name", BUGS)
+async def test_database_errors_that_are_bugs_stay_500(name: str) -> None:
+    async with client_for(make_app()) as client:
+        resp = await client.get(f"/fail/{name}")
+    doc = assert_problem(resp, 500, "internal-error")
+    assert doc["detail"] == "an unexpected error occurred"
 
 
 async def test_slow_body_times_out_with_408() -> None:

@@ -32,7 +32,7 @@ import httpx
 from services.catalog.app import create_app
 from services.catalog.settings import CatalogSettings
 from services.common.db import open_pool
-from services.common.errors import STORE_UNAVAILABLE
+from services.common.outage import STORE_UNAVAILABLE
 from services.common.settings import CommonSettings
 from services.gateway.app import create_app as create_gateway
 from services.gateway.settings import GatewaySettings

@@ -150,6 +150,22 @@ async def test_unknown_user_and_wrong_password_look_the_same(
     assert 0.5 < t_unknown / t_wrong < 2.0
 
 
+async def test_login_without_postgres_is_a_retryable_503(
+    settings_kwargs: dict[str, Any], echo: Echo
+) -> None:
+    # Nothing listens on the port, and the pool opens no connection until one is needed.
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/shopstack"
+    settings = gateway_settings(
+        settings_kwargs, database_url=unreachable, db_pool_min=0, catalog_url=echo.url
+    )
+    async with client_for(create_app(settings)) as client:
+        resp = await client.post(
+            "/api/v1/auth/login", json={"username": "demo1", "password": "demo-password-1"}
+        )
+    assert_problem(resp, 503, "upstream-unavailable")
+    assert resp.headers["retry-after"] == "1"
+
+
 async def test_failed_logins_throttle_the_account(
     seeded: str, settings_kwargs: dict[str, Any], rds: Any
 ) -> None:
