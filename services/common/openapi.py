@@ -2,10 +2,11 @@
 
 FastAPI describes routes from their models; this module adds what it cannot see:
 every error is an RFC 9457 problem (`application/problem+json`, one `Problem`
-schema), the 400/413/422 any body or parameter can earn, the 401 of routes that need the
-gateway's bearer token (their `security`, from services.common.identity), and the
-502/503/504 the gateway answers for every public route
-(`/api/v1`) when an upstream or the gateway itself cannot serve.
+schema), the 400/408/413/422 any body or parameter can earn (services.common.middleware
+and the validation handlers), the 401 of routes that need the gateway's bearer token
+(their `security`, from services.common.identity), and the 502/503/504 the gateway
+answers for every public route (`/api/v1`) when an upstream or the gateway itself
+cannot serve.
 """
 
 from __future__ import annotations
@@ -42,11 +43,9 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 _DEFAULT_DETAILS: dict[int, str] = {
     400: "the request body is not readable JSON",
     401: "a valid bearer token is required",
-    403: "this operation needs the admin role",
     408: "request body was not received in time",
     413: "request body exceeds the limit",
     422: "the request is not valid",
-    429: "too many requests",
     502: "the upstream failed",
     503: "overloaded, or the upstream is unavailable",
     504: "the upstream did not answer in time",
@@ -111,8 +110,8 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
         if operation.get("parameters") or "requestBody" in operation:
             _ensure(operation, 422)
         if method in _BODY_METHODS and "requestBody" in operation:
-            _ensure(operation, 400)
-            _ensure(operation, 413)
+            for status in (400, 408, 413):
+                _ensure(operation, status)
         if path.startswith(PUBLIC_PREFIX):
             for status in (502, 503, 504):
                 _ensure(operation, status)
