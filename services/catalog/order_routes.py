@@ -32,6 +32,7 @@ from services.common.fastlane import (
     path_uuid,
 )
 from services.common.identity import Caller, current_caller
+from services.common.openapi import RATE_LIMITED, link
 
 router = APIRouter(prefix="/api/v1", tags=["orders"])
 internal_router = APIRouter(prefix="/internal/v1", tags=["internal"])
@@ -76,12 +77,24 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
     return Response(body, status_code=status, media_type=media, headers=headers)
 
 
+ORDER = "/api/v1/orders/{order_id}"
+_ORDER_LINKS = {
+    "GetOrder": link(ORDER, "get", "the order", parameters={"order_id": "$response.body#/id"}),
+    "CancelOrder": link(
+        ORDER + "/cancel", "post", "cancel it", parameters={"order_id": "$response.body#/id"}
+    ),
+}
+
+
 @router.post(
     "/orders",
     status_code=201,
     response_model=Order,
     responses={
-        201: {"description": "Reserved (or, with Idempotent-Replayed: true, the first reply)"},
+        201: {
+            "description": "Reserved (or, with Idempotent-Replayed: true, the first reply)",
+            "links": _ORDER_LINKS,
+        },
         401: _401,
         404: _problem(404, "not-found", "product 7 does not exist"),
         409: _problem(
@@ -92,6 +105,7 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
             422, "validation-error", "the request is not valid (also idempotency-mismatch)"
         ),
         503: _503,
+        **RATE_LIMITED,
     },
 )
 async def create_order(
@@ -142,6 +156,7 @@ async def get_order(state: State, order_id: OrderIdPath, caller: User) -> Respon
         401: _401,
         404: _404,
         409: _problem(409, "order-not-cancellable", "order 0b0e... is already paid"),
+        **RATE_LIMITED,
     },
 )
 async def cancel_order(state: State, order_id: OrderIdPath, caller: User) -> Response:
@@ -225,10 +240,31 @@ async def internal_get_order(request: Request, order_id: OrderIdPath) -> Respons
     return await framework_reply(internal_order, request, order_id=order_id)
 
 
+_SAME_ORDER = {"order_id": "$response.body#/id"}
+_SAME_PAYMENT = {"payment_id": "$request.body#/payment_id"}
+_HOLD_LINKS = {
+    "GetInternalOrder": link(INTERNAL, "get", "the held order", parameters=_SAME_ORDER),
+    "MarkPaid": link(
+        INTERNAL + "/paid",
+        "post",
+        "the holding payment succeeded",
+        parameters=_SAME_ORDER,
+        request_body=_SAME_PAYMENT,
+    ),
+    "Release": link(
+        INTERNAL + "/release",
+        "post",
+        "the holding payment failed",
+        parameters=_SAME_ORDER,
+        request_body=_SAME_PAYMENT,
+    ),
+}
+
+
 @internal_router.post(
     "/orders/{order_id}/hold",
     response_model=InternalOrder,
-    responses={404: _404, 409: _409_PAY, 422: _422},
+    responses={200: {"links": _HOLD_LINKS}, 404: _404, 409: _409_PAY, 422: _422},
 )
 async def hold_order(request: Request, order_id: OrderIdPath, body: HoldRef) -> Response:
     return await framework_reply(hold, request, order_id=order_id)
@@ -237,7 +273,16 @@ async def hold_order(request: Request, order_id: OrderIdPath, body: HoldRef) -> 
 @internal_router.post(
     "/orders/{order_id}/paid",
     response_model=InternalOrder,
-    responses={404: _404, 409: _409_PAY, 422: _422},
+    responses={
+        200: {
+            "links": {
+                "GetInternalOrder": link(INTERNAL, "get", "the paid order", parameters=_SAME_ORDER)
+            }
+        },
+        404: _404,
+        409: _409_PAY,
+        422: _422,
+    },
 )
 async def paid_order(request: Request, order_id: OrderIdPath, body: PaymentRef) -> Response:
     return await framework_reply(paid, request, order_id=order_id)

@@ -12,6 +12,7 @@ from services.catalog.state import CatalogState
 from services.common.app import JSONResponse
 from services.common.errors import problem_body
 from services.common.identity import Caller, current_admin
+from services.common.openapi import link
 
 router = APIRouter(prefix="/api/v1", tags=["catalog"])
 
@@ -39,7 +40,34 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == bare for tag in if_none_match.split(","))
 
 
-@router.get("/products", response_model=ProductPage)
+PRODUCT = "/api/v1/products/{product_id}"
+_READ_PRODUCT = link(
+    PRODUCT, "get", "the product", parameters={"product_id": "$request.path.product_id"}
+)
+_ORDER_PRODUCT = link(
+    "/api/v1/orders",
+    "post",
+    "order one unit of it",
+    request_body={"product_id": "$request.path.product_id", "quantity": 1},
+)
+
+
+@router.get(
+    "/products",
+    response_model=ProductPage,
+    responses={
+        200: {
+            "links": {
+                "GetFirstProduct": link(
+                    PRODUCT,
+                    "get",
+                    "the first product of the page",
+                    parameters={"product_id": "$response.body#/items/0/id"},
+                )
+            }
+        }
+    },
+)
 async def list_products(
     state: State,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -69,7 +97,19 @@ async def get_product(
 @router.put(
     "/admin/products/{product_id}",
     response_model=Product,
-    responses={201: {"model": Product, "description": "Created"}, 403: _PROBLEM, 409: _PROBLEM},
+    responses={
+        200: {
+            "description": "Replaced",
+            "links": {"GetProduct": _READ_PRODUCT, "OrderProduct": _ORDER_PRODUCT},
+        },
+        201: {
+            "model": Product,
+            "description": "Created",
+            "links": {"GetProduct": _READ_PRODUCT, "OrderProduct": _ORDER_PRODUCT},
+        },
+        403: _PROBLEM,
+        409: _PROBLEM,
+    },
 )
 async def put_product(
     state: State,

@@ -15,18 +15,26 @@ from pydantic import (
     model_validator,
 )
 
-MAX_ID = 2**63 - 1
+from services.common.identity import USER_ID_PATTERN
+from services.common.jsontypes import JSON_INTEGER, NO_CONTROL_CHARACTERS, NO_NUL, UtcDateTime
+
+# Ids stay within I-JSON's exact integers (RFC 7493: +-(2**53 - 1)), which every JSON
+# client, JavaScript's included, reads without rounding (Postgres stores them as bigint).
+MAX_ID = 2**53 - 1
 ProductId = Annotated[int, Field(ge=1, le=MAX_ID)]
-Cents = Annotated[StrictInt, Field(ge=0, le=10**12)]
+Cents = Annotated[StrictInt, Field(ge=0, le=10**12), JSON_INTEGER]
 
 
 class FlashSale(BaseModel):
+    """A sale price open from `starts_at` (inclusive) to `ends_at` (exclusive); `ends_at`
+    must come after `starts_at` (else 422)."""
+
     model_config = ConfigDict(extra="forbid")
 
     price_cents: Cents
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
-    per_user_limit: Annotated[StrictInt, Field(ge=1, le=1000)]
+    starts_at: UtcDateTime
+    ends_at: UtcDateTime
+    per_user_limit: Annotated[StrictInt, Field(ge=1, le=1000), JSON_INTEGER]
 
     @model_validator(mode="after")
     def _window(self) -> FlashSale:
@@ -41,11 +49,11 @@ class ProductIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sku: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._\-]+$")]
-    name: Annotated[StrictStr, Field(min_length=1, max_length=200)]
-    description: Annotated[StrictStr, Field(max_length=10_000)] = ""
+    name: Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS)]
+    description: Annotated[StrictStr, Field(max_length=10_000, pattern=NO_NUL)] = ""
     price_cents: Cents
     currency: Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$")]
-    stock: Annotated[StrictInt, Field(ge=0, le=1_000_000_000)]
+    stock: Annotated[StrictInt, Field(ge=0, le=1_000_000_000), JSON_INTEGER]
     flash_sale: FlashSale | None = None
 
 
@@ -67,8 +75,8 @@ class OrderIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    product_id: Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
-    quantity: Annotated[StrictInt, Field(ge=1, le=10)]
+    product_id: Annotated[StrictInt, Field(ge=1, le=MAX_ID), JSON_INTEGER]
+    quantity: Annotated[StrictInt, Field(ge=1, le=10), JSON_INTEGER]
 
 
 class Order(BaseModel):
@@ -103,7 +111,7 @@ class HoldRef(PaymentRef):
     anyone else is answered 404, so the payment service checks the owner, learns the
     amount and holds the order in one call."""
 
-    user_id: str | None = Field(default=None, min_length=1, max_length=200)
+    user_id: str | None = Field(default=None, pattern=USER_ID_PATTERN)
 
 
 MAX_OUTCOMES = 500

@@ -18,6 +18,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse as StarletteJSONResponse
+from starlette.routing import BaseRoute, Match
 
 from services.common.asgi import ASGIApp, Message, Receive, Scope, Send
 from services.common.errors import PROBLEM_CONTENT_TYPE, Problem, code_for_status, problem_body
@@ -46,10 +48,8 @@ class ServiceState:
 StateT = TypeVar("StateT", bound=ServiceState)
 
 
-class JSONResponse(Response):
-    """orjson-encoded JSON response."""
-
-    media_type = "application/json"
+class JSONResponse(StarletteJSONResponse):
+    """orjson-encoded JSON response (a JSONResponse, so OpenAPI shows the route's model)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -81,6 +81,22 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> list[str]:
+    """Every method some route takes at this scope's path.
+
+    Starlette's own 405 names only the methods of the first route on the path, so a path
+    served by two routes (GET and POST declared apart) advertised half its methods.
+    """
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render Problem, framework HTTP errors and validation errors as problem+json."""
 
@@ -95,13 +111,15 @@ def install_error_handlers(app: FastAPI) -> None:
             extra=exc.extra,
         )
 
-    async def on_http_error(_: Request, exc: Exception) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(request.app.router.routes, request.scope)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
         return problem_response(
-            exc.status_code,
-            code_for_status(exc.status_code),
-            str(exc.detail),
-            headers=dict(exc.headers or {}),
+            exc.status_code, code_for_status(exc.status_code), str(exc.detail), headers=headers
         )
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:

@@ -33,6 +33,7 @@ from services.common.errors import (
     problem_bytes,
 )
 from services.common.middleware import read_body
+from services.common.openapi import complete
 
 JSON = b"application/json"
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -195,10 +196,16 @@ class FastLane:
 
 
 class ServiceApp(FastAPI):
-    """FastAPI, plus the fast lane: a registered route skips the framework's own stack."""
+    """FastAPI, plus the fast lane: a registered route skips the framework's own stack,
+    and an OpenAPI document completed by services.common.openapi."""
 
     fast_lane: FastLane | None = None
     fast_stack: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = complete(super().openapi())
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.fast_stack is not None and self.fast_lane is not None:

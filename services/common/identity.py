@@ -10,14 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.common.errors import Forbidden, Unauthorized
 
 USER_ID_HEADER = "x-user-id"
 USER_ROLE_HEADER = "x-user-role"
-_SANE_USER_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+USER_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+_SANE_USER_ID = re.compile(USER_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,29 @@ def caller_from(headers: Mapping[str, str]) -> Caller:
     return Caller(user_id=user_id, role=headers.get(USER_ROLE_HEADER, "user"))
 
 
-async def current_caller(request: Request) -> Caller:
+GATEWAY_TOKEN = HTTPBearer(
+    bearerFormat="JWT",
+    scheme_name="bearerAuth",
+    description=(
+        "An access token from the gateway's POST /api/v1/auth/login. The gateway verifies "
+        "it and forwards the user to the service as X-User-Id / X-User-Role."
+    ),
+    auto_error=False,
+)
+"""Documents (OpenAPI `security`) that a route needs the gateway's bearer token; the
+gateway strips the token after checking it, so the service itself never sees one."""
+
+
+async def current_caller(
+    request: Request,
+    _token: Annotated[HTTPAuthorizationCredentials | None, Security(GATEWAY_TOKEN)] = None,
+) -> Caller:
     """FastAPI dependency: the authenticated caller, else 401."""
     return caller_from(request.headers)
 
 
-async def current_admin(request: Request) -> Caller:
+async def current_admin(caller: Annotated[Caller, Depends(current_caller)]) -> Caller:
     """FastAPI dependency: an authenticated caller with role admin, else 401/403."""
-    caller = await current_caller(request)
     if not caller.is_admin:
         raise Forbidden("this operation needs the admin role")
     return caller

@@ -366,7 +366,7 @@ class Gateway:
             if route is None:
                 raise NotFound(f"no route for {request.path}")
             route_name = route.name
-            if request.method not in route.methods:
+            if route.methods is not None and request.method not in route.methods:
                 allow = ", ".join(sorted(route.methods))
                 raise MethodNotAllowed("method not allowed", headers={"Allow": allow})
             if route.sheddable and self.stats.in_flight > self.max_in_flight:

@@ -21,7 +21,7 @@ class Local(StrEnum):
 class Route:
     name: str  # the metrics label: a template, never a raw path
     prefix: str
-    methods: frozenset[str]
+    methods: frozenset[str] | None  # None: any, the upstream answers 405 with its own Allow
     upstream: str | None = None  # service name, or None for a local route
     local: Local | None = None
     needs_user: bool = False
@@ -40,7 +40,9 @@ class Route:
 
 READ = frozenset({"GET", "HEAD"})
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+# The upstream's own router knows which methods each path under the prefix takes: it
+# answers the rest with a 405 whose Allow names that path's methods, not the prefix's.
+ANY = None
 
 
 def build_routes(settings: GatewaySettings) -> list[Route]:

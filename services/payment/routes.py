@@ -24,11 +24,12 @@ from services.common.fastlane import (
     parse_body,
 )
 from services.common.identity import Caller, caller_from, current_caller
+from services.common.openapi import RATE_LIMITED, inline_schema, link
 from services.payment import domain, events, idempotency
 from services.payment.idempotency import REPLAYED_HEADER, KeyClaim, StoredResponse
 from services.payment.schemas import KEY_PATTERN, CallbackEvent, CallbackReply, Payment, PaymentIn
 from services.payment.state import PaymentState
-from services.payment.webhooks import verify_signature
+from services.payment.webhooks import MAX_HEADER_CHARS, verify_signature
 
 PAYMENTS_PATH = "/api/v1/payments"
 router = APIRouter(prefix=PAYMENTS_PATH, tags=["payments"])
@@ -75,15 +76,52 @@ def stored_reply(stored: StoredResponse, *, replayed: bool = False) -> FastReply
     return FastReply(stored.status, stored.body, headers, content_type.encode())
 
 
+_CALLBACK_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "PSP-Signature",
+            "in": "header",
+            "required": True,
+            "description": (
+                't=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>, one v1 per '
+                "secret the provider signs with (at most 8); t within "
+                "SHOPSTACK_PSP_WEBHOOK_TOLERANCE_S of now. Anything else: 400 bad-signature."
+            ),
+            "schema": {
+                "type": "string",
+                "maxLength": MAX_HEADER_CHARS,
+                "pattern": r"^t=[0-9]{1,12}(,v1=[0-9a-f]{64}){1,8}$",
+            },
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": inline_schema(CallbackEvent)}},
+    },
+}
+
+
 @router.post(
     "",
     status_code=201,
     response_model=Payment,
     responses={
+        201: {
+            "description": "Created (or, with Idempotent-Replayed: true, the first reply)",
+            "links": {
+                "GetPayment": link(
+                    PAYMENTS_PATH + "/{payment_id}",
+                    "get",
+                    "the payment",
+                    parameters={"payment_id": "$response.body#/id"},
+                )
+            },
+        },
         404: _PROBLEM,
         409: _PROBLEM,
         422: _PROBLEM,
         503: {"description": "provider or catalog unavailable (Retry-After)", **_PROBLEM},
+        **RATE_LIMITED,
     },
 )
 async def create_payment(
@@ -156,6 +194,7 @@ async def get_payment(
     "/callbacks/psp",
     response_model=CallbackReply,
     responses={400: {"description": "bad or missing signature", **_PROBLEM}, 422: _PROBLEM},
+    openapi_extra=_CALLBACK_DOC,
 )
 async def psp_callback(request: Request) -> Response:
     """Provider webhook, signed with PSP-Signature; a repeated event id is a no-op."""

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from services.common.jsontypes import JSON_INTEGER, NO_CONTROL_CHARACTERS
+
 PaymentStatus = Literal["succeeded", "failed", "pending"]
 # Idempotency-Key: 1..255 visible ASCII characters (and spaces).
 KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
@@ -31,9 +33,11 @@ class Payment(BaseModel):
 class CallbackData(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    charge_id: Annotated[StrictStr, Field(min_length=1, max_length=255)]
+    charge_id: Annotated[
+        StrictStr, Field(min_length=1, max_length=255, pattern=NO_CONTROL_CHARACTERS)
+    ]
     payment_id: uuid.UUID
-    amount_cents: Annotated[StrictInt, Field(ge=0, le=10**12)]
+    amount_cents: Annotated[StrictInt, Field(ge=0, le=10**12), JSON_INTEGER]
     currency: Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$")]
 
 
@@ -42,9 +46,9 @@ class CallbackEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: Annotated[StrictStr, Field(min_length=1, max_length=255)]
-    type: Annotated[StrictStr, Field(min_length=1, max_length=100)]
-    created: Annotated[StrictInt, Field(ge=0, le=2**62)]
+    id: Annotated[StrictStr, Field(min_length=1, max_length=255, pattern=NO_CONTROL_CHARACTERS)]
+    type: Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=NO_CONTROL_CHARACTERS)]
+    created: Annotated[StrictInt, Field(ge=0, le=2**53 - 1), JSON_INTEGER]
     data: CallbackData
 
 

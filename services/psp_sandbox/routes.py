@@ -17,6 +17,7 @@ from services.common.fastlane import (
     framework_reply,
     parse_body,
 )
+from services.common.openapi import link, problem
 from services.psp_sandbox import domain
 from services.psp_sandbox.schemas import Charge, ChargeIn, ChargeList, FaultsIn, FaultsOut, Stats
 from services.psp_sandbox.state import SandboxState
@@ -77,11 +78,36 @@ class TruncatedResponse(Response):
         )
 
 
+_CHARGE_LINKS = {
+    "GetCharge": link(
+        "/v1/charges/{charge_id}",
+        "get",
+        "the charge",
+        parameters={"charge_id": "$response.body#/id"},
+    ),
+    "ListCharges": link(
+        "/v1/charges",
+        "get",
+        "the charges of its reference",
+        parameters={"reference": "$response.body#/reference"},
+    ),
+}
+
+
 @router.post(
     "/v1/charges",
     response_model=Charge,
     status_code=201,
-    responses={200: {"model": Charge, "description": "The charge this key already created"}},
+    responses={
+        200: {
+            "model": Charge,
+            "description": "The charge this key already created",
+            "links": _CHARGE_LINKS,
+        },
+        201: {"description": "Charged", "links": _CHARGE_LINKS},
+        400: problem(400, "rejected by a `reject` fault", code="charge-rejected"),
+        503: problem(503, "an `error` fault: nothing charged", code="provider-error"),
+    },
 )
 async def create_charge(
     request: Request, data: ChargeIn, idempotency_key: IdempotencyKey = None
@@ -129,7 +155,11 @@ async def list_charges(
     return ChargeList(items=await domain.charges_for(store=state.store, reference=reference))
 
 
-@router.get("/v1/charges/{charge_id}", response_model=Charge)
+@router.get(
+    "/v1/charges/{charge_id}",
+    response_model=Charge,
+    responses={404: problem(404, "no charge ch_0b0e...")},
+)
 async def get_charge(
     state: State, charge_id: Annotated[str, Path(pattern=r"^ch_[0-9a-f]{32}$")]
 ) -> Charge:

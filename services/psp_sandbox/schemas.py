@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from services.common.jsontypes import JSON_INTEGER
 
 ChargeStatus = Literal["succeeded", "failed"]
 # A fault the sandbox applies to one charge request:
@@ -12,13 +14,13 @@ ChargeStatus = Literal["succeeded", "failed"]
 #   reset   charge, then drop the connection mid-reply
 #   decline charge with status failed  reject   400 before charging
 Fault = Literal["error", "timeout", "reset", "decline", "reject"]
-Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+Rate = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 
 
 class ChargeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount_cents: Annotated[StrictInt, Field(ge=1, le=10**12)]
+    amount_cents: Annotated[StrictInt, Field(ge=1, le=10**12), JSON_INTEGER]
     currency: Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$")]
     reference: Annotated[StrictStr, Field(min_length=1, max_length=255)]
 
@@ -41,7 +43,7 @@ class Faults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    latency_ms: Annotated[StrictInt, Field(ge=0, le=60_000)] = 0
+    latency_ms: Annotated[StrictInt, Field(ge=0, le=60_000), JSON_INTEGER] = 0
     error_rate: Rate = 0.0
     timeout_rate: Rate = 0.0
     reset_rate: Rate = 0.0
@@ -50,7 +52,7 @@ class Faults(BaseModel):
     duplicate_rate: Rate = 0.0
     out_of_order_rate: Rate = 0.0
     callback_drop_rate: Rate = 0.0
-    callback_delay_ms: Annotated[StrictInt, Field(ge=0, le=600_000)] = 0
+    callback_delay_ms: Annotated[StrictInt, Field(ge=0, le=600_000), JSON_INTEGER] = 0
 
 
 class FaultsIn(BaseModel):
@@ -62,8 +64,8 @@ class FaultsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reset: bool = False
-    latency_ms: Annotated[StrictInt, Field(ge=0, le=60_000)] | None = None
+    reset: StrictBool = False
+    latency_ms: Annotated[StrictInt, Field(ge=0, le=60_000), JSON_INTEGER] | None = None
     error_rate: Rate | None = None
     timeout_rate: Rate | None = None
     reset_rate: Rate | None = None
@@ -72,7 +74,7 @@ class FaultsIn(BaseModel):
     duplicate_rate: Rate | None = None
     out_of_order_rate: Rate | None = None
     callback_drop_rate: Rate | None = None
-    callback_delay_ms: Annotated[StrictInt, Field(ge=0, le=600_000)] | None = None
+    callback_delay_ms: Annotated[StrictInt, Field(ge=0, le=600_000), JSON_INTEGER] | None = None
     next_faults: Annotated[list[Fault], Field(max_length=1000)] | None = None
 
 

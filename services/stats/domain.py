@@ -101,6 +101,8 @@ def _no_control_characters(body: bytes) -> bool:
 
 def _event_problem(event: EventIn, ts_us: int, ts_range: TimeRange) -> dict[str, Any] | None:
     """The first rule (beyond what the decoder checks) an event breaks, or None."""
+    if isinstance(event.product_id, float) and not event.product_id.is_integer():
+        return {"loc": ["product_id"], "msg": "product_id must be an integer", "type": "int_type"}
     if _UUID.fullmatch(event.event_id) is None:
         return {
             "loc": ["event_id"],
@@ -134,7 +136,9 @@ def _decode_error(exc: msgspec.ValidationError) -> dict[str, Any]:
         kind = "datetime_parsing"
     elif msg.startswith("Expected `") and ", got `" in msg:
         expected = msg.split("`")[1]
-        kind = {"str": "string", "object": "model"}.get(expected, expected) + "_type"
+        kind = {"str": "string", "object": "model", "int | float": "int"}.get(
+            expected, expected
+        ) + "_type"
     else:
         kind = "value_error"  # a range, a length, a time zone
     return {"loc": loc, "msg": msg, "type": kind}
@@ -186,6 +190,11 @@ def parse_batch(body: bytes, *, ts_range: TimeRange) -> tuple[str, int]:
         latest, earliest = ts_range.latest_us, ts_range.earliest_us
         lines = []
         for event in events:
+            if event.product_id.__class__ is float:  # 4.0: the integer 4, written as JSON may
+                if not event.product_id.is_integer():
+                    errors = _errors(body, ts_range)
+                    break
+                event = msgspec.structs.replace(event, product_id=int(event.product_id))
             ts = event.ts
             ts_us = math.floor(ts.timestamp()) * 1_000_000 + ts.microsecond  # epoch_us, inlined
             if (

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from services.common.app import JSONResponse
 from services.common.errors import problem_body
 from services.common.fastlane import FastReply, FastRequest, FastRoute, framework_reply
+from services.common.openapi import RATE_LIMITED, link
 from services.stats import domain
 from services.stats.schemas import (
     MAX_EVENTS,
@@ -63,9 +64,20 @@ Window = Query(ge=1, le=3600, description="Seconds of event time, ending now")
     response_model=Accepted,
     openapi_extra=_EVENTS_BODY,
     responses={
+        202: {
+            "links": {
+                "GetProductStats": link(
+                    "/api/v1/stats/products/{product_id}",
+                    "get",
+                    "the counts of the first event's product",
+                    parameters={"product_id": "$request.body#/0/product_id"},
+                )
+            }
+        },
         413: _problem(413, "payload-too-large", "request body exceeds 1048576 bytes"),
         422: _problem(422, "validation-error", "invalid events at index 3"),
         503: _problem(503, "overloaded", "the event backlog is over its budget"),
+        **RATE_LIMITED,
     },
 )
 async def post_events(request: Request) -> Response:

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import BaseModel, Field
 
-MAX_ID = 2**63 - 1
+# Ids stay within I-JSON's exact integers (RFC 7493: +-(2**53 - 1)), which every JSON
+# client, JavaScript's included, reads without rounding (Postgres stores them as bigint).
+MAX_ID = 2**53 - 1
 MAX_EVENTS = 1000
 MAX_USER_ID_CHARS = 128
 EventType = Literal["view", "cart", "purchase"]
@@ -42,7 +44,13 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         ),
     ]
     type: EventType
-    product_id: Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+    # JSON (and JSON Schema's `integer`) has 4.0 for the integer 4: the decoder takes a
+    # float too, services.stats.domain turns an integral one into the int and refuses a
+    # fraction, and the documented schema stays `integer` (event_json_schema).
+    product_id: (
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+        | Annotated[float, msgspec.Meta(ge=1, le=MAX_ID)]
+    )
     user_id: Annotated[
         str,
         msgspec.Meta(
@@ -79,6 +87,7 @@ def event_json_schema() -> dict[str, Any]:
         [EventIn], ref_template="#/components/schemas/{name}"
     )
     schema: dict[str, Any] = components["EventIn"]
+    schema["properties"]["product_id"] = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
     return schema
 
 

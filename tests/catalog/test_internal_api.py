@@ -165,7 +165,14 @@ async def test_unheld_reservation_past_its_expiry_is_not_payable(orders_app: Ord
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"payment_id": "nope"}, {"payment_id": 5}, {"payment_id": str(uuid.uuid4()), "x": 1}],
+    [
+        {},
+        {"payment_id": "nope"},
+        {"payment_id": 5},
+        {"payment_id": str(uuid.uuid4()), "x": 1},
+        # IN-1 found a NUL here a 500 (Postgres text): user ids are the gateway's own shape.
+        {"payment_id": str(uuid.uuid4()), "user_id": "u\u0000"},
+    ],
 )
 async def test_internal_bad_bodies_are_422(orders_app: OrdersApp, body: dict[str, Any]) -> None:
     _, order_id, _ = await _reserve(orders_app)

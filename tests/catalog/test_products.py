@@ -209,6 +209,25 @@ async def test_put_requires_admin(catalog: httpx.AsyncClient) -> None:
                 "per_user_limit": 1,
             }
         },
+        # Found by IN-1 (schemathesis): each of these was a 500 or was accepted.
+        {"name": "a\u0000b"},  # Postgres text cannot hold NUL
+        {"description": "a\u0000b"},
+        {
+            "flash_sale": {
+                "price_cents": 1,
+                "starts_at": "0001-01-01T00:00:00.637+05:39",  # before year 1 in UTC
+                "ends_at": "2026-01-02T00:00:00Z",
+                "per_user_limit": 1,
+            }
+        },
+        {
+            "flash_sale": {
+                "price_cents": 1,
+                "starts_at": 0,  # a number of seconds, not an RFC 3339 string
+                "ends_at": "2026-01-02T00:00:00Z",
+                "per_user_limit": 1,
+            }
+        },
     ],
 )
 async def test_put_rejects_invalid_bodies_and_changes_nothing(

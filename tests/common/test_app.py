@@ -52,6 +52,16 @@ async def echo(request: Request) -> dict[str, int]:
     return {"bytes": len(await request.body())}
 
 
+@router.get("/both")
+async def read_both() -> dict[str, str]:
+    return {"read": "ok"}
+
+
+@router.post("/both")
+async def write_both() -> dict[str, str]:
+    return {"write": "ok"}
+
+
 def make_app(**overrides: object) -> object:
     settings = CommonSettings(log_level="CRITICAL", **overrides)  # type: ignore[arg-type]
 
@@ -125,3 +135,13 @@ async def test_readyz_without_dependencies_is_ok() -> None:
         resp = await client.get("/readyz")
     assert resp.status_code == 200
     assert resp.json() == {"status": "ok", "checks": {}}
+
+
+async def test_405_allow_names_every_route_of_the_path() -> None:
+    """IN-1: Starlette's 405 named only the first route's methods of a path two routes share."""
+    async with client_for(make_app()) as client:
+        resp = await client.request("OPTIONS", "/both")
+        assert resp.status_code == 405
+        assert resp.headers["allow"] == "GET, POST"
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert (await client.request("DELETE", "/boom")).headers["allow"] == "GET"

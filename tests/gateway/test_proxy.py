@@ -128,6 +128,21 @@ async def test_wrong_method_is_405_with_allow(gateway_to_echo: httpx.AsyncClient
     assert resp.headers["allow"] == "GET, HEAD"
 
 
+async def test_write_prefixes_leave_methods_to_the_upstream(
+    gateway_to_echo: httpx.AsyncClient, echo: Echo
+) -> None:
+    """Under /api/v1/orders each path takes its own methods: the upstream's 405 names them
+    (IN-1 found the gateway answering OPTIONS with every method of the whole prefix)."""
+    token = await login(gateway_to_echo, "demo1", "demo-password-1")
+    resp = await gateway_to_echo.request(
+        "OPTIONS", "/api/v1/orders/x", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert resp.status_code == 200
+    assert [(seen["method"], seen["path"]) for seen in echo.seen] == [
+        ("OPTIONS", "/api/v1/orders/x")
+    ]
+
+
 async def test_oversized_body_is_413_and_not_forwarded(
     gateway_to_echo: httpx.AsyncClient, echo: Echo
 ) -> None:

@@ -151,6 +151,16 @@ async def test_signed_but_invalid_events_are_422(api: httpx.AsyncClient) -> None
         b'{"id": 1, "type": "charge.succeeded", "created": 1, "data": {}}',
     ):
         assert_problem(await send(api, body), 422, "validation-error")
+    # IN-1 found these a 500: Postgres text cannot hold NUL (now no control characters).
+    for field in ("id", "charge_id"):
+        doc = orjson.loads(event(uuid.uuid4(), "succeeded"))
+        (doc["data"] if field == "charge_id" else doc)[field] = "ch_\u0000"
+        assert_problem(await send(api, orjson.dumps(doc)), 422, "validation-error")
+    # ... and 7.0 is the integer 7, as JSON has it: signed and valid, about no payment.
+    doc = orjson.loads(event(uuid.uuid4(), "succeeded"))
+    doc["data"]["amount_cents"] = 1999.0
+    resp = await send(api, orjson.dumps(doc))
+    assert resp.status_code == 200, resp.text
 
 
 async def test_pay6_same_event_ten_times_has_one_effect(

@@ -155,6 +155,14 @@ async def test_latency_fault_delays_replies(psp: httpx.AsyncClient) -> None:
     assert (counts["charge_requests"], counts["charges_created"]) == (2, 2)
 
 
+@pytest.mark.parametrize(
+    "faults", [{"reset": 1}, {"error_rate": False}, {"error_rate": "0.5"}, {"latency_ms": 1.5}]
+)
+async def test_faults_of_the_wrong_type_are_422(psp: httpx.AsyncClient, faults: Any) -> None:
+    """IN-1 found `false` taken for a rate of 0 and `1` for `reset: true` (lax types)."""
+    assert_problem(await psp.post("/_sandbox/faults", json=faults), 422, "validation-error")
+
+
 async def test_fault_changes_apply_to_the_next_request(psp: httpx.AsyncClient) -> None:
     body = charge_body()
 

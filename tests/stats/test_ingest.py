@@ -65,7 +65,7 @@ def _mutate(index: int, **changes: Any) -> list[dict[str, Any]]:
 NOW = datetime.now(UTC)
 BAD_BATCHES: dict[str, tuple[bytes, list[int]]] = {
     "wrong type product_id": (body(_mutate(2, product_id="7")), [2]),
-    "float product_id": (body(_mutate(1, product_id=7.0)), [1]),
+    "fractional product_id": (body(_mutate(1, product_id=7.5)), [1]),
     "bool product_id": (body(_mutate(0, product_id=True)), [0]),
     "zero product_id": (body(_mutate(3, product_id=0)), [3]),
     "unknown type": (body(_mutate(4, type="like")), [4]),
