@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -40,20 +41,41 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose waits for a free connection are bounded.
+
+    asyncpg's `acquire()` waits forever by default, and so do the `pool.fetch*()` and
+    `pool.execute()` shortcuts built on it: under a queue longer than the pool, a
+    request could wait well past every other timeout. Here a wait without a timeout of
+    its own lasts at most `acquire_timeout_s`, then raises TimeoutError (a 503, like any
+    Postgres outage: services/common/outage.py).
+    """
+
+    acquire_timeout_s: float | None = None
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self.acquire_timeout_s if timeout is None else timeout)
+
+
 @asynccontextmanager
 async def open_pool(settings: CommonSettings) -> AsyncIterator[asyncpg.Pool]:
     """Open a pool sized per process (each granian worker runs its own lifespan)."""
-    pool = await asyncpg.create_pool(
+    # asyncpg.create_pool() with our pool class: the same arguments it passes.
+    pool = BoundedPool(
         settings.require_database_url(),
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
-        command_timeout=settings.db_command_timeout_s,
+        max_queries=50_000,
         max_inactive_connection_lifetime=60.0,
-        # The connect timeout. acquire() has none of its own: a waiter waits until a
-        # connection frees up or fails (FLT-3 derives that bound).
-        timeout=settings.db_command_timeout_s,
         reset=keep_session,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        command_timeout=settings.db_command_timeout_s,
+        timeout=settings.db_command_timeout_s,  # the connect timeout
     )
+    pool.acquire_timeout_s = settings.db_acquire_timeout_s
+    await pool
     try:
         yield pool
     finally:

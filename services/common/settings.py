@@ -77,6 +77,12 @@ class CommonSettings(BaseSettings):
         le=120,
         description="timeout of every SQL statement and of opening a connection",
     )
+    db_acquire_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=120,
+        description="longest wait for a free pooled connection; then the request gets 503",
+    )
     redis_pool_max: int = Field(
         default=50,
         ge=1,
