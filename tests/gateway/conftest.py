@@ -15,7 +15,7 @@ from services.gateway.app import create_app
 from services.gateway.seed import seed_users
 from services.gateway.settings import GatewaySettings
 from tests.support.asgi import client_for
-from tests.support.servers import free_port, free_port_block
+from tests.support.servers import aiohttp_site, free_port, free_port_block
 from tests.support.stack import RunningStack, start_stack, stop_stack
 
 DEMO_USERS = 3
@@ -106,12 +106,8 @@ async def echo() -> AsyncIterator[Echo]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    yield state
-    await runner.cleanup()
+    async with aiohttp_site(app, port):
+        yield state
 
 
 def gateway_settings(settings_kwargs: dict[str, Any], **overrides: Any) -> GatewaySettings:

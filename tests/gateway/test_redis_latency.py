@@ -38,7 +38,7 @@ from aiohttp import web
 
 from tests.support.faultproxy import FaultProxy
 from tests.support.process import ServiceProcess, start_service
-from tests.support.servers import free_port
+from tests.support.servers import aiohttp_site, free_port
 
 LATENCY_MS = 500
 MAX_IN_FLIGHT = 16
@@ -74,11 +74,8 @@ async def upstream() -> AsyncIterator[Upstream]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield state
-    await runner.cleanup()
+    async with aiohttp_site(app, port):
+        yield state
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from tests.psp_sandbox.process import ServiceProcess, start_service
-from tests.support.servers import free_port
+from tests.support.servers import aiohttp_site, free_port
 
 
 @dataclass
@@ -44,11 +44,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/callbacks", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield state
-    await runner.cleanup()
+    async with aiohttp_site(app, port):
+        yield state
 
 
 @pytest.fixture(scope="session")

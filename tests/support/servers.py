@@ -10,12 +10,13 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from aiohttp import web
 
 
 def free_port() -> int:
@@ -107,3 +108,15 @@ def migrated_database(admin_dsn: str) -> Iterator[str]:
         yield dsn
     finally:
         asyncio.run(drop_database(admin_dsn, dsn))
+
+
+@asynccontextmanager
+async def aiohttp_site(app: web.Application, port: int) -> AsyncIterator[None]:
+    """Serve a small aiohttp app (a test's upstream or receiver) on 127.0.0.1:port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
