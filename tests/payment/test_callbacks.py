@@ -78,6 +78,23 @@ async def status_of(pg: asyncpg.Connection, payment_id: uuid.UUID) -> str:
     return str(await pg.fetchval("SELECT status FROM payments WHERE id = $1", payment_id))
 
 
+async def outbox_kinds(pg: asyncpg.Connection, payment_id: uuid.UUID) -> list[str]:
+    """The payment's outbox messages, oldest first."""
+    rows = await pg.fetch(
+        "SELECT kind FROM payment_outbox WHERE payment_id = $1 ORDER BY id", payment_id
+    )
+    return [r["kind"] for r in rows]
+
+
+async def stored_events(pg: asyncpg.Connection, payment_id: uuid.UUID) -> list[tuple[str, bool]]:
+    """(type, applied) of the payment's stored provider events, in arrival order."""
+    rows = await pg.fetch(
+        "SELECT type, applied FROM payment_psp_events WHERE payment_id = $1 ORDER BY received_at",
+        payment_id,
+    )
+    return [(r["type"], r["applied"]) for r in rows]
+
+
 async def fresh_second() -> int:
     """The current unix second, taken early in it: t is an integer, so t+301 sent late in a
     second could reach the server less than 301 s ahead of its clock."""
@@ -174,8 +191,7 @@ async def test_pay6_same_event_ten_times_has_one_effect(
     assert sorted(outcomes) == ["duplicate"] * 9 + ["processed"]
     assert await status_of(pg, payment_id) == "succeeded"
     await wait_until(lambda: order.status == "paid", timeout_s=2.0)
-    outbox = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
-    assert [r["kind"] for r in outbox] == ["paid"]
+    assert await outbox_kinds(pg, payment_id) == ["paid"]
     assert (
         await pg.fetchval(
             "SELECT count(*) FROM payment_psp_events WHERE payment_id = $1", payment_id
@@ -198,18 +214,13 @@ async def test_pay6_twins_of_an_event_about_a_settled_payment_record_it_once(
         replies = await asyncio.gather(*(send(api, body) for _ in range(10)))
         outcomes = sorted(r.json()["status"] for r in replies)
         assert outcomes == ["duplicate"] * 9 + ["processed"]
-    rows = await pg.fetch(
-        "SELECT type, applied FROM payment_psp_events WHERE payment_id = $1 ORDER BY received_at",
-        payment_id,
-    )
-    assert [(r["type"], r["applied"]) for r in rows] == [
+    assert await stored_events(pg, payment_id) == [
         ("charge.succeeded", True),
         ("charge.succeeded", False),
         ("charge.failed", False),
     ]
     assert await status_of(pg, payment_id) == "succeeded"
-    kinds = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
-    assert [r["kind"] for r in kinds] == ["paid"]
+    assert await outbox_kinds(pg, payment_id) == ["paid"]
 
 
 async def test_pay6_failed_then_succeeded_ends_succeeded(
@@ -226,10 +237,7 @@ async def test_pay6_failed_then_succeeded_ends_succeeded(
     }
     assert await status_of(pg, payment_id) == "succeeded"  # money moved: that wins
     await wait_until(lambda: order.status == "paid", timeout_s=3.0)
-    kinds = await pg.fetch(
-        "SELECT kind FROM payment_outbox WHERE payment_id = $1 ORDER BY id", payment_id
-    )
-    assert [r["kind"] for r in kinds] == ["release", "paid"]
+    assert await outbox_kinds(pg, payment_id) == ["release", "paid"]
 
 
 async def test_pay6_late_failed_event_cannot_undo_success(
@@ -242,17 +250,12 @@ async def test_pay6_late_failed_event_cannot_undo_success(
     assert (await send(api, late)).json() == {"status": "processed"}
     assert (await send(api, late)).json() == {"status": "duplicate"}
     assert await status_of(pg, payment_id) == "succeeded"
-    applied = await pg.fetch(
-        "SELECT type, applied FROM payment_psp_events WHERE payment_id = $1 ORDER BY received_at",
-        payment_id,
-    )
-    assert [(r["type"], r["applied"]) for r in applied] == [
+    assert await stored_events(pg, payment_id) == [
         ("charge.succeeded", True),
         ("charge.failed", False),
     ]
     await wait_until(lambda: order.status == "paid", timeout_s=2.0)
-    kinds = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
-    assert [r["kind"] for r in kinds] == ["paid"]
+    assert await outbox_kinds(pg, payment_id) == ["paid"]
 
 
 async def test_pay6_sandbox_duplicates_and_reorders_a_real_payment(
@@ -275,8 +278,7 @@ async def test_pay6_sandbox_duplicates_and_reorders_a_real_payment(
     await asyncio.sleep(0.5)  # the duplicate delivery, too
     assert await status_of(pg, payment_id) == "succeeded"
     await wait_until(lambda: order.status == "paid", timeout_s=2.0)
-    kinds = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
-    assert [r["kind"] for r in kinds] == ["paid"]
+    assert await outbox_kinds(pg, payment_id) == ["paid"]
 
 
 async def test_events_that_do_not_match_the_payment_change_nothing(
@@ -312,8 +314,7 @@ async def test_a_redelivery_is_answered_from_the_worker_memory(
         )
         == 0
     )
-    outbox = await pg.fetch("SELECT kind FROM payment_outbox WHERE payment_id = $1", payment_id)
-    assert [r["kind"] for r in outbox] == ["paid"]
+    assert await outbox_kinds(pg, payment_id) == ["paid"]
 
 
 def test_the_recorded_events_memory_is_bounded_and_forgets_the_oldest() -> None:
