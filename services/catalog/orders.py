@@ -33,6 +33,7 @@ from services.common.errors import (
     SoldOut,
     UpstreamUnavailable,
 )
+from services.common.outage import unavailable_problem
 
 log = logging.getLogger("shopstack.catalog.orders")
 
@@ -70,9 +71,15 @@ def _gate_down(exc: Exception) -> UpstreamUnavailable:
     return UpstreamUnavailable("the inventory gate is unavailable", status=503, retry_after_s=1)
 
 
-def _db_down(exc: Exception) -> UpstreamUnavailable:
+def _db_down(exc: Exception) -> Exception:
+    """What a Postgres error on the order path becomes: the shared 503 when Postgres did
+    not answer (services.common.outage); a DataError or a client misconfiguration is a
+    bug, not an outage, and stays itself (a 500 from the catch-all, with its trace)."""
+    problem = unavailable_problem(exc)
+    if problem is None:
+        return exc
     log.warning("postgres unavailable on the order path", extra={"error": str(exc)})
-    return UpstreamUnavailable("the order database is unavailable", status=503, retry_after_s=1)
+    return problem
 
 
 @asynccontextmanager
