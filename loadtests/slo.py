@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from loadtests.report import SERVICES, fraction_of_ceiling, scenarios_of
+from loadtests.report import fraction_of_ceiling, scenarios_of
+from loadtests.results import SERVICES
 
 # threshold -> (what it is called, median metric, comparison, unit)
 THRESHOLDS: dict[str, tuple[str, str, str, str]] = {
