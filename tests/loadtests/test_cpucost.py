@@ -1,4 +1,4 @@
-"""CPU per request: ms of CPU per successful request per process group, its table, compare.
+"""CPU per request: ms of CPU per successful request per process group, its table, compare, SLO.
 
 The report here has round figures, so every expected value is worked out by hand:
 mean CPU (% of one core) / 100 / successful requests/s × 1000.
@@ -19,6 +19,7 @@ from loadtests.measurement import Measurement
 from loadtests.report import render_markdown, scenarios_of, write_json
 from loadtests.results import ScenarioResult
 from loadtests.runners import Run
+from loadtests.slo import SloFileError, evaluate, load_slo
 from loadtests.tools import CpuPlan
 from services.cli import main as shopstack
 from tests.loadtests.conftest import build_report
@@ -309,3 +310,43 @@ def test_compare_command_lists_cpu_per_request(
     assert "cpu_ms:gateway" in out
     assert "+50.0%" in out
     assert "payment cpu_ms:gateway" in out.splitlines()[-1]
+
+
+def slo_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "slo.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_slo_max_cpu_ms_per_request(tmp_path: Path) -> None:
+    report = cost_report()
+    met = slo_file(
+        tmp_path,
+        "scenarios:\n"
+        "  payment: {max_cpu_ms_per_request: 1.05}\n"
+        "  payment@open: {max_cpu_ms_per_request: {gateway: 1.1, catalog: 0.5}}\n",
+    )
+    assert evaluate(load_slo(met), report) == []
+    missed = slo_file(
+        tmp_path,
+        "scenarios:\n"
+        "  payment: {max_cpu_ms_per_request: 0.45}\n"
+        "  payment@open: {max_cpu_ms_per_request: {gateway: 0.9, stats: 1, catalog: 0.6}}\n"
+        "  login: {max_cpu_ms_per_request: 5}\n",
+    )
+    assert evaluate(load_slo(missed), report) == [
+        "payment: gateway CPU per request 1 ms (limit <= 0.45 ms)",
+        "payment: catalog CPU per request 0.5 ms (limit <= 0.45 ms)",
+        "payment@open: gateway CPU per request 1 ms (limit <= 0.9 ms)",
+        "payment@open: stats CPU per request not measured (CPU not sampled)",
+        "login: CPU per request not measured (no successful request)",
+    ]
+
+
+def test_slo_cpu_threshold_must_be_numbers(tmp_path: Path) -> None:
+    with pytest.raises(SloFileError, match="max_cpu_ms_per_request must be a number"):
+        load_slo(slo_file(tmp_path, "scenarios:\n  payment: {max_cpu_ms_per_request: low}\n"))
+    with pytest.raises(SloFileError):
+        load_slo(
+            slo_file(tmp_path, "scenarios:\n  payment: {max_cpu_ms_per_request: {gateway: x}}\n")
+        )
