@@ -21,21 +21,19 @@ from typing import Any
 
 import httpx
 
-from loadtests import audit, calibrate, environment, tools
+from loadtests import audit, calibrate, cpucost, environment, tools
 from loadtests.compare import main as compare_main
 from loadtests.html import render_html
 from loadtests.prepare import PrepareError
 from loadtests.processes import Pinning, discover
-from loadtests.report import SCHEMA_VERSION, SERVICES, load_json, render_markdown, write_json
-from loadtests.results import ScenarioResult
+from loadtests.report import SCHEMA_VERSION, load_json, render_markdown, write_json
+from loadtests.results import PROVIDER, SERVICES, ScenarioResult
 from loadtests.sampler import Sampler
 from loadtests.scenarios import SCENARIOS, execute
 from loadtests.session import SCENARIO_NAMES, Options, Session
 from loadtests.slo import SloFileError, evaluate, load_slo
 from loadtests.statsprobe import StatsProbe
 from services.common.launcher import read_stack_file
-
-PROVIDER = "psp_sandbox"  # outside the stack in production: placed by CpuPlan.provider
 
 
 def _pairs(text: str, kind: type[float] | type[int]) -> dict[str, Any]:
@@ -262,7 +260,7 @@ def run(opts: Options, slo_path: Path | None) -> tuple[int, dict[str, Any], Path
         },
         "environment": env,
         "calibration": session.calibration,
-        "scenarios": [r.to_dict() for r in results],
+        "scenarios": [r.to_dict() for r in cpucost.annotate(results, env)],
         "audit": audited.to_dict(),
         "stats_probe": {"accepted": len(probe.accepted), "replies": dict(probe.replies)},
         "notes": notes,

@@ -3,6 +3,10 @@
 Noise of a metric = the larger run-to-run spread ((max - min) / median over the
 repeats) of the two reports, never below a floor (default 5 %; 10 % for
 memory). A change inside the noise is reported but not flagged.
+
+CPU per request (`cpu_ms:<service>`, and `cpu_ms:services` for their sum) is
+compared the same way, a rise being the regression: it stays put when a busy
+neighbour only lowers requests/s, and moves when the code does more per request.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtests import cpucost
 from loadtests.report import load_json, scenarios_of
-from loadtests.results import LOWER_IS_BETTER
+from loadtests.results import LOWER_IS_BETTER, SERVICES
 
 COMPARED = ("rps", "avg_ms", "p99_ms", "p99.9_ms", "error_rate")
 ERROR_RATE_STEP = 0.001  # an absolute rise of 0.1 percentage point is never noise
@@ -46,7 +51,7 @@ def _verdict(metric: str, old: float, new: float, noise: float) -> str:
     if old == 0:
         return "within noise"
     change = (new - old) / abs(old)
-    if metric in LOWER_IS_BETTER or metric.startswith("rss:"):
+    if metric in LOWER_IS_BETTER or metric.startswith(("rss:", "cpu_ms:")):
         change = -change  # from here on, positive means better
     worse, better = change < -noise, change > noise
     return "regression" if worse else "improvement" if better else "within noise"
@@ -74,6 +79,33 @@ def compare_reports(
             a, b = old_peaks[group], new_peaks[group]
             noise = max(RSS_FLOOR, floor)
             deltas.append(Delta(r.key, metric, a, b, noise, _verdict(metric, a, b, noise)))
+        deltas += _cpu_deltas(
+            r.key,
+            cpucost.of(o, old.get("environment") or {}),
+            cpucost.of(r, new.get("environment") or {}),
+            floor,
+        )
+    return deltas
+
+
+def _cpu_deltas(key: str, old: dict[str, Any], new: dict[str, Any], floor: float) -> list[Delta]:
+    """CPU ms per successful request of each service and of their sum, where both measured it."""
+    before = {**(old.get("groups") or {}), "services": old.get(cpucost.SERVICES_TOTAL)}
+    after = {**(new.get("groups") or {}), "services": new.get(cpucost.SERVICES_TOTAL)}
+    spread_keys = {"services": cpucost.SERVICES_TOTAL}
+    deltas: list[Delta] = []
+    for name in (*SERVICES, "services"):
+        a, b = before.get(name), after.get(name)
+        if a is None or b is None:
+            continue
+        spread = spread_keys.get(name, name)
+        noise = max(
+            floor,
+            (old.get("spread") or {}).get(spread, 0.0),
+            (new.get("spread") or {}).get(spread, 0.0),
+        )
+        metric = f"cpu_ms:{name}"
+        deltas.append(Delta(key, metric, a, b, noise, _verdict(metric, a, b, noise)))
     return deltas
 
 

@@ -91,6 +91,7 @@ def collect(
         "kernel": platform.release(),
         "loadavg_at_start": [round(load1, 2), round(load5, 2)],
         "pinning": plan.describe(),
+        "cpu_plan": plan.to_dict(),
         "target": target,
         "commit": _git_commit(),
         "versions": versions,

@@ -14,8 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loadtests.report import GROUPS, render_markdown, scenarios_of
-from loadtests.results import ScenarioResult
+from loadtests.report import render_markdown, scenarios_of
+from loadtests.results import GROUPS, ScenarioResult
 
 W, H = 520, 240
 PAD_L, PAD_R, PAD_T, PAD_B = 62, 12, 28, 36

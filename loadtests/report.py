@@ -8,12 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loadtests.results import ScenarioResult
+from loadtests import cpucost
+from loadtests.results import GROUPS, SERVICES, ScenarioResult
 
 SCHEMA_VERSION = 1
 GENERATOR_FLOOR = 250  # the lowest rate calibrate.generator_ceiling tries
-SERVICES = ("gateway", "catalog", "payment", "stats", "psp_sandbox")
-GROUPS = (*SERVICES, "postgres", "redis", "loadgen")
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
@@ -53,6 +52,18 @@ def fmt_num(value: float | None, digits: int = 1) -> str:
 
 def fmt_pct(value: float | None, digits: int = 2) -> str:
     return "–" if _missing(value) else f"{100.0 * float(value or 0):.{digits}f} %"
+
+
+def fmt_cpu_ms(value: float | None) -> str:
+    """Three significant digits (0.0283, 0.412, 41.2, 152), at most four decimals."""
+    if _missing(value):
+        return "–"
+    assert value is not None
+    if value <= 0:
+        return "0"
+    shown = float(f"{value:.3g}")  # 0.09999 is 0.100, not 0.1000
+    decimals = min(4, max(0, 2 - math.floor(math.log10(shown))))
+    return f"{value:,.{decimals}f}"
 
 
 def fraction_of_ceiling(
@@ -243,6 +254,43 @@ def _resources_table(results: list[ScenarioResult]) -> list[str]:
     return lines
 
 
+def _cpu_table(results: list[ScenarioResult], env: dict[str, Any]) -> list[str]:
+    """ms of CPU per successful request per process group, and the service totals."""
+    present = [g for g in GROUPS if any(g in r.resources for r in results)]
+    if not present:
+        return ["", "No process was found to sample (is the stack on this machine?)."]
+    pinned = cpucost.pinned_services(env)
+    totals = [("services", cpucost.SERVICES_TOTAL)]
+    if pinned is not None:
+        totals.append(("pinned services", cpucost.PINNED_TOTAL))
+    lines = [
+        "",
+        "Milliseconds of CPU per successful request, representative run (its mean CPU ÷ "
+        "its successful requests/s): steadier than requests/s on a shared machine; "
+        "at N requests/s a group needs N × ms / 1000 cores.",
+        "",
+        "| Scenario | Model | OK req/s | "
+        + " | ".join(present + [title for title, _ in totals])
+        + " |",
+        "|---|---|--:|" + "--:|" * (len(present) + len(totals)),
+    ]
+    for r in results:
+        if r.status != "ok":
+            continue
+        cost = cpucost.of(r, env)
+        groups = cost.get("groups") or {}
+        cells = [fmt_num(cost.get("success_rps"))]
+        cells += [fmt_cpu_ms(groups.get(g)) for g in present]
+        cells += [fmt_cpu_ms(cost.get(key)) for _, key in totals]
+        lines.append(f"| {r.name} | {r.model} | " + " | ".join(cells) + " |")
+    lines += ["", f"services = {' + '.join(SERVICES)} (those sampled)."]
+    if pinned is not None:
+        lines[-1] += f" Pinned services = {' + '.join(pinned)}, which share the services' CPUs."
+    else:
+        lines[-1] += " Unpinned: no total over the services' CPUs."
+    return lines
+
+
 def _group_notes(env: dict[str, Any]) -> list[str]:
     groups = env.get("process_groups", {})
     lines = [
@@ -296,6 +344,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Resources",
         *_resources_table(results),
         *_group_notes(env),
+        "",
+        "## CPU per request",
+        *_cpu_table(results, env),
         "",
         "## Correctness audit: " + str(audit.get("status", "not run")).upper(),
         "",

@@ -28,6 +28,11 @@ METRICS: tuple[str, ...] = (
 )
 LOWER_IS_BETTER = {"avg_ms", "p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "error_rate", "connect_ms"}
 
+# The sampled process groups: the stack's services, its data servers and the load generator.
+SERVICES = ("gateway", "catalog", "payment", "stats", "psp_sandbox")
+PROVIDER = "psp_sandbox"  # outside the stack in production: placed by CpuPlan.provider
+GROUPS = (*SERVICES, "postgres", "redis", "loadgen")
+
 
 def figures(m: Measurement) -> dict[str, float | None]:
     lat = m.latency_ms
@@ -45,8 +50,25 @@ def figures(m: Measurement) -> dict[str, float | None]:
     }
 
 
-def _clean(values: list[float | None]) -> list[float]:
+def clean(values: list[float | None]) -> list[float]:
+    """The values that were measured (no None, no NaN)."""
     return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def run_spread(values: list[float]) -> float | None:
+    """(max - min) / |median| over the repeats; None with fewer than two values."""
+    if len(values) < 2:
+        return None
+    middle = statistics.median(values)
+    if middle:
+        return (max(values) - min(values)) / abs(middle)
+    return 0.0 if max(values) == min(values) else 1.0
+
+
+def representative_index(rps: list[float]) -> int:
+    """The repeat whose timeline and resources the report shows: the median by requests/s."""
+    ranked = sorted(range(len(rps)), key=lambda i: rps[i])
+    return ranked[len(ranked) // 2]
 
 
 @dataclass
@@ -73,6 +95,7 @@ class ScenarioResult:
     ceiling: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_ms_per_request: dict[str, Any] = field(default_factory=dict)  # cpucost.compute()
 
     @property
     def key(self) -> str:
@@ -93,14 +116,12 @@ class ScenarioResult:
         self.repeats = [{**r.measurement.to_dict(), "resources": r.resources} for r in runs]
         per_run = [figures(r.measurement) for r in runs]
         for metric in METRICS:
-            values = _clean([f[metric] for f in per_run])
+            values = clean([f[metric] for f in per_run])
             self.median[metric] = statistics.median(values) if values else None
-            if len(values) > 1 and values and statistics.median(values):
-                self.spread[metric] = (max(values) - min(values)) / abs(statistics.median(values))
-            elif len(values) > 1:
-                self.spread[metric] = 0.0 if max(values) == min(values) else 1.0
-        ranked = sorted(runs, key=lambda r: r.measurement.rps)
-        middle = ranked[len(ranked) // 2]
+            spread = run_spread(values)
+            if spread is not None:
+                self.spread[metric] = spread
+        middle = runs[representative_index([r.measurement.rps for r in runs])]
         self.timeline = middle.measurement.timeline
         self.resources = middle.resources
         self.requests = sum(r.measurement.requests for r in runs)
@@ -114,6 +135,12 @@ class ScenarioResult:
                 if n:
                     self.statuses[f"socket:{kind}"] = self.statuses.get(f"socket:{kind}", 0) + n
         return self
+
+    def representative(self) -> dict[str, Any] | None:
+        """The repeat (measurement and resources) the median figures' resources come from."""
+        if not self.repeats:
+            return None
+        return self.repeats[representative_index([float(r["rps"]) for r in self.repeats])]
 
     def service_peaks(self) -> dict[str, float]:
         """Peak RSS (MB) per sampled group during the representative run."""

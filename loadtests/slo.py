@@ -6,6 +6,7 @@
         max_p99_ms: 150
         max_error_rate: 0.001
         max_rss_mb: 160          # every service process group; or {gateway: 120, ...}
+        max_cpu_ms_per_request: {gateway: 0.05}  # CPU ms per successful request; or one number
         min_ceiling_fraction: 0.5  # requests/s over the same shape's RSGI hello, same run
     require_checks: [stock-invariant, no-double-charge]   # audit checks that must have passed
 
@@ -21,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from loadtests.report import SERVICES, fraction_of_ceiling, scenarios_of
+from loadtests import cpucost
+from loadtests.report import fraction_of_ceiling, scenarios_of
+from loadtests.results import SERVICES
 
 # threshold -> (what it is called, median metric, comparison, unit)
 THRESHOLDS: dict[str, tuple[str, str, str, str]] = {
@@ -31,7 +34,8 @@ THRESHOLDS: dict[str, tuple[str, str, str, str]] = {
     "max_avg_ms": ("avg latency", "avg_ms", "<=", " ms"),
     "max_error_rate": ("error rate", "error_rate", "<=", ""),
 }
-KNOWN_KEYS = {*THRESHOLDS, "max_rss_mb", "min_ceiling_fraction"}
+PER_GROUP = {"max_rss_mb", "max_cpu_ms_per_request"}  # a number for every service, or a mapping
+KNOWN_KEYS = {*THRESHOLDS, *PER_GROUP, "min_ceiling_fraction"}
 
 
 class SloFileError(ValueError):
@@ -62,7 +66,7 @@ def load_slo(path: Path) -> Slo:
             raise SloFileError(f"{path}: {name}: unknown thresholds {sorted(unknown)}")
         for key, value in limits.items():
             ok = isinstance(value, int | float) or (
-                key == "max_rss_mb"
+                key in PER_GROUP
                 and isinstance(value, dict)
                 and all(isinstance(v, int | float) for v in value.values())
             )
@@ -98,6 +102,9 @@ def evaluate(slo: Slo, report: dict[str, Any]) -> list[str]:
                 misses.append(f"{key}: {what} {got:,.4g}{unit} (limit {op} {limit:,.4g}{unit})")
         if "max_rss_mb" in limits:
             misses += _rss_misses(key, limits["max_rss_mb"], r.service_peaks())
+        if "max_cpu_ms_per_request" in limits:
+            cost = cpucost.of(r, report.get("environment") or {})
+            misses += _cpu_misses(key, limits["max_cpu_ms_per_request"], cost)
         if "min_ceiling_fraction" in limits:
             limit = float(limits["min_ceiling_fraction"])
             fraction = fraction_of_ceiling(r, report.get("calibration") or {}, "rsgi")
@@ -121,4 +128,28 @@ def _rss_misses(key: str, limit: Any, peaks: dict[str, float]) -> list[str]:
         peak = peaks.get(service)
         if peak is not None and peak > float(cap):
             out.append(f"{key}: {service} RSS {peak:,.0f} MB (limit <= {float(cap):,.0f} MB)")
+    return out
+
+
+def _cpu_misses(key: str, limit: Any, cost: dict[str, Any]) -> list[str]:
+    """A group named in the mapping must have been measured; a bare number covers the services."""
+    groups: dict[str, float | None] = cost.get("groups") or {}
+    named = isinstance(limit, dict)
+    limits = (
+        {str(g): float(v) for g, v in limit.items()}
+        if named
+        else {s: float(limit) for s in SERVICES if s in groups}
+    )
+    if cost.get("success_rps") is None:
+        return [f"{key}: CPU per request not measured (no successful request)"]
+    if not named and all(groups.get(s) is None for s in limits):
+        return [f"{key}: CPU per request not measured (no service's CPU was sampled)"]
+    out = []
+    for group, cap in limits.items():
+        ms = groups.get(group)
+        if ms is None:
+            if named:
+                out.append(f"{key}: {group} CPU per request not measured (CPU not sampled)")
+        elif ms > cap:
+            out.append(f"{key}: {group} CPU per request {ms:,.3g} ms (limit <= {cap:,.3g} ms)")
     return out

@@ -75,6 +75,14 @@ class CpuPlan:
             return []
         return ["taskset", "-c", ",".join(str(c) for c in self.generator)]
 
+    def to_dict(self) -> dict[str, object]:
+        """Where things ran, for the report (cpucost reads which services shared CPUs)."""
+        return {
+            "generator": list(self.generator) if self.generator else None,
+            "services": list(self.services) if self.services else None,
+            "provider_outside": self.provider_outside,
+        }
+
     def describe(self) -> str:
         if not self.generator:
             return "unpinned (" + "; ".join(self.notes or ["pinning disabled"]) + ")"

@@ -137,6 +137,10 @@ def test_scenario_runs_against_the_stack(
         assert r["timeline"], "no requests/s time series"
         assert "gateway" in r["resources"], "the gateway's RSS/CPU were not sampled"
         assert r["resources"]["gateway"]["rss_mb_max"] > 10
+        cost = r["cpu_ms_per_request"]
+        assert cost["success_rps"] > 0
+        assert cost["groups"]["gateway"] > 0
+        assert cost["services_total"] >= cost["groups"]["gateway"]
         assert r["median"]["rps"] > 0
         assert r["median"]["p99_ms"] >= r["median"]["p50_ms"]
         # most requests get the scenario's success status (a smoke test, not a benchmark)
@@ -201,4 +205,7 @@ def test_reports_written_with_environment(
     assert "## Summary" in markdown
     assert "## Correctness audit" in markdown
     assert "| product-detail | closed | wrk |" in markdown
+    assert "## CPU per request" in markdown
+    assert env["pinning"]
+    assert set(env["cpu_plan"]) == {"generator", "services", "provider_outside"}
     assert "## Summary" in proc.stdout
