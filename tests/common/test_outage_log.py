@@ -1,12 +1,16 @@
 """Background jobs log a store outage in a few lines, a bug every time (services.common.outage).
 
 The helper is driven with real errors (Postgres and Redis asked on a closed port) and a
-clock moved by hand.
+clock moved by hand; then the payment service's background loops run against a
+Postgres whose link is cut (a fault proxy resetting every connection) and restored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import orjson
@@ -18,9 +22,14 @@ from redis.retry import Retry
 
 from services.common.logs import JsonFormatter
 from services.common.outage import OutageLog, is_outage, log_failure, unavailable_problem
-from tests.support.servers import free_port
+from services.payment.jobs import Jobs
+from services.payment.settings import PaymentSettings
+from services.payment.state import open_payment_state
+from tests.support.faultproxy import FaultProxy
+from tests.support.servers import free_port, migrated_database
 
 LOGGER = "shopstack.tests.outage"
+WEBHOOK_SECRET = "outage-log-test-webhook-secret-0123456789"
 
 
 class Clock:
@@ -190,3 +199,89 @@ async def test_a_single_failure_is_logged_once_with_or_without_a_trace(
     assert outage.product_id == 5  # type: ignore[attr-defined]
     assert bug.levelno == logging.ERROR
     assert bug.exc_info is not None
+
+
+# --- a real loop: the payment service's jobs against a Postgres that stops answering ---
+
+
+@pytest.fixture(scope="module")
+def payment_database(servers: tuple[str, str]) -> Iterator[str]:
+    """A database of this module's own: the jobs claim every due row they find."""
+    with migrated_database(servers[0]) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def cut_postgres(payment_database: str) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy.for_url(payment_database) as proxy:
+        yield proxy
+
+
+async def wait_for(predicate: Any, *, timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_payment_jobs_log_a_postgres_outage_in_one_line_each_and_recover(
+    cut_postgres: FaultProxy, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="shopstack.payment.jobs")
+    proxy = cut_postgres
+    closed = f"http://127.0.0.1:{free_port()}"  # no message or payment is due: never called
+    settings = PaymentSettings(
+        database_url=proxy.url,
+        redis_url=redis_url,
+        log_level="WARNING",
+        catalog_url=closed,
+        psp_url=closed,
+        psp_webhook_secret=WEBHOOK_SECRET,
+        db_pool_min=1,
+        db_pool_max=2,
+        db_command_timeout_s=1.0,
+        db_acquire_timeout_s=1.0,
+        payment_settle_interval_s=0.05,
+        payment_outbox_poll_s=0.05,
+    )
+
+    def jobs_records() -> list[logging.LogRecord]:
+        return ours(caplog, "shopstack.payment.jobs")
+
+    async with open_payment_state(settings) as state:
+        jobs = Jobs(state)
+        jobs.start()
+        try:
+            await asyncio.sleep(0.3)  # the loops run and find nothing due
+            assert jobs_records() == []
+
+            proxy.reset_peer()  # every connection, live or new, is reset
+            await wait_for(
+                lambda: {getattr(r, "job", None) for r in jobs_records()} >= {"settle", "outbox"}
+            )
+            # Many more failed rounds (each reconnects through the proxy), no more lines.
+            accepted = proxy.accepted
+            await wait_for(lambda: proxy.accepted >= accepted + 20)
+            during = jobs_records()
+            assert sorted(r.job for r in during) == ["outbox", "settle"]  # type: ignore[attr-defined]
+            for record in during:
+                assert record.levelno == logging.WARNING
+                assert record.exc_info is None
+                assert record.getMessage() == "job failed: a store did not answer"
+                assert record.error  # type: ignore[attr-defined]
+
+            proxy.clear()  # the link is back: each loop's next round succeeds
+            await wait_for(lambda: len(jobs_records()) == 4)
+            recovered = {r.job: r for r in jobs_records()[2:]}  # type: ignore[attr-defined]
+            assert sorted(recovered) == ["outbox", "settle"]
+            for job, record in recovered.items():
+                assert record.levelno == logging.INFO
+                assert record.getMessage() == f"{job} recovered"
+                assert record.failures >= 2  # type: ignore[attr-defined]
+                assert record.failed_for_s > 0  # type: ignore[attr-defined]
+        finally:
+            await jobs.stop()
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # asyncpg's own pool (its min-size upkeep) may log a warning with a trace, backing
+    # off from 1 s to 60 s: the library's line, not one of ours.
+    assert not [r for r in caplog.records if r.exc_info and r.name != "asyncpg.pool"]
