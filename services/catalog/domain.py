@@ -16,6 +16,7 @@ from services.catalog.cache import MISSING, ProductCache
 from services.catalog.inventory import Inventory, announce_stock_restored, load_products
 from services.catalog.schemas import ProductIn
 from services.common.errors import Conflict, NotFound
+from services.common.outage import log_failure
 
 log = logging.getLogger("shopstack.catalog")
 
@@ -111,15 +112,15 @@ async def put_product(
     if inventory is not None:
         try:
             await load_products(inventory, [product_id], replace=True)
-        except RedisError:
+        except RedisError as exc:
             # The reconciler rewrites the gate from Postgres on its next run.
-            log.exception("gate reload failed", extra={"product_id": product_id})
+            log_failure(log, "gate reload failed", exc, {"product_id": product_id})
         await announce_stock_restored(inventory, [product_id])
     else:
         try:
             await cache.invalidate(product_id)
-        except RedisError:
+        except RedisError as exc:
             # The write is committed; a stale cached body expires with its TTL.
-            log.exception("cache invalidation failed", extra={"product_id": product_id})
+            log_failure(log, "cache invalidation failed", exc, {"product_id": product_id})
     body = serialize(product_document(row))
     return ProductBody(body, entity_tag(body)), bool(row["created"])

@@ -27,6 +27,7 @@ from services.catalog.inventory import (
     publish_invariant,
     reconcile,
 )
+from services.common.outage import OutageLog
 from services.common.tasks import BackgroundTasks
 
 log = logging.getLogger("shopstack.catalog.jobs")
@@ -45,6 +46,7 @@ async def sweep_once(inv: Inventory) -> int:
 
 
 async def _sweeper(inv: Inventory, stopping: asyncio.Event) -> None:
+    errors = OutageLog(log, "catalog-sweeper")
     last_purge = 0.0
     while not stopping.is_set():
         try:
@@ -55,8 +57,10 @@ async def _sweeper(inv: Inventory, stopping: asyncio.Event) -> None:
                 last_purge = time.monotonic()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("expiry sweep failed")
+        except Exception as exc:
+            errors.failed("expiry sweep failed", exc)
+        else:
+            errors.succeeded()
         await asyncio.sleep(inv.settings.catalog_sweep_interval_s)
 
 
@@ -81,6 +85,7 @@ async def reconcile_if_leader(inv: Inventory) -> bool:
 
 
 async def _reconciler(inv: Inventory, stopping: asyncio.Event) -> None:
+    errors = OutageLog(log, "catalog-reconciler")
     interval = inv.settings.catalog_reconcile_interval_s
     watch = min(1.0, interval)
     next_run = time.monotonic() + interval
@@ -94,8 +99,10 @@ async def _reconciler(inv: Inventory, stopping: asyncio.Event) -> None:
                     await publish_invariant(inv)  # this worker's gauge stays current
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("reconcile failed")
+        except Exception as exc:
+            errors.failed("reconcile failed", exc)
+        else:
+            errors.succeeded()
 
 
 async def _stock_restored_listener(inv: Inventory, stopping: asyncio.Event) -> None:

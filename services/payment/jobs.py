@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from services.common.outage import OutageLog
 from services.payment import storage
 from services.payment.breaker import BreakerOpen
 from services.payment.catalog import CatalogRefused, CatalogUnavailable
@@ -26,8 +27,11 @@ log = logging.getLogger("shopstack.payment.jobs")
 KEY_EXPIRY_INTERVAL_S = 60.0
 
 
-async def settle_due_payments(state: PaymentState) -> int:
-    """Ask the provider about payments whose outcome is unknown; return how many settled."""
+async def settle_due_payments(state: PaymentState, errors: OutageLog) -> int:
+    """Ask the provider about payments whose outcome is unknown; return how many settled.
+
+    A payment that fails is logged through `errors` and the rest of the batch goes on.
+    """
     cfg = state.config
     lease_s = cfg.psp_timeout_s * cfg.psp_max_attempts + cfg.payment_settle_interval_s
     rows = await storage.claim_unsettled(state.db, limit=cfg.payment_settle_batch, lease_s=lease_s)
@@ -35,8 +39,10 @@ async def settle_due_payments(state: PaymentState) -> int:
     for row in rows:
         try:
             settled += await settle_payment(state, row)
-        except Exception:
-            log.exception("settling failed", extra={"payment_id": str(row["id"])})
+        except Exception as exc:
+            errors.failed("settling failed", exc, {"payment_id": str(row["id"])})
+        else:
+            errors.succeeded()
     return settled
 
 
@@ -185,12 +191,18 @@ class Jobs:
     def __init__(self, state: PaymentState) -> None:
         self.state = state
         self._tasks: list[asyncio.Task[None]] = []
+        # One payment of a claimed batch failing (the loop's own log is per loop).
+        self._settle_errors = OutageLog(log, "settle-payment")
 
     def start(self) -> None:
         cfg = self.state.config
         self._tasks = [
             asyncio.create_task(
-                self._loop("settle", settle_due_payments, cfg.payment_settle_interval_s),
+                self._loop(
+                    "settle",
+                    lambda state: settle_due_payments(state, self._settle_errors),
+                    cfg.payment_settle_interval_s,
+                ),
                 name="payment-settle",
             ),
             asyncio.create_task(
@@ -225,12 +237,15 @@ class Jobs:
         interval_s: float,
         wakeup: asyncio.Event | None = None,
     ) -> None:
+        errors = OutageLog(log, name)
         while True:
             done = 0
             try:
                 done = await job(self.state)
-            except Exception:
-                log.exception("job failed", extra={"job": name})
+            except Exception as exc:
+                errors.failed("job failed", exc)
+            else:
+                errors.succeeded()
             if done:
                 continue  # there may be more due right now
             if wakeup is None:

@@ -15,6 +15,7 @@ import logging
 
 import aiohttp
 
+from services.common.outage import OutageLog
 from services.psp_sandbox.settings import SandboxSettings
 from services.psp_sandbox.store import Delivery, SandboxStore
 from services.psp_sandbox.webhooks import SIGNATURE_HEADER, signature_header
@@ -41,6 +42,9 @@ class CallbackDispatcher:
         self._acks_queued = asyncio.Event()
         self._acker: asyncio.Task[None] | None = None
         self._stopping = False
+        self._claim_errors = OutageLog(log, "psp-callback-claim")
+        self._ack_errors = OutageLog(log, "psp-callback-ack")
+        self._bookkeeping_errors = OutageLog(log, "psp-callback-bookkeeping")
 
     def start(self) -> None:
         if not self.url:
@@ -85,9 +89,11 @@ class CallbackDispatcher:
             self.wakeup.clear()  # a kick from now on claims again
             try:
                 deliveries = await self.store.claim_callbacks(lease_ms=lease_ms, limit=limit)
-            except Exception:
-                log.exception("claiming callbacks failed")
+            except Exception as exc:
+                self._claim_errors.failed("claiming callbacks failed", exc)
                 deliveries = []
+            else:
+                self._claim_errors.succeeded()
             for delivery in deliveries:
                 await self._slots.acquire()
                 task = asyncio.create_task(self._deliver(delivery))
@@ -110,15 +116,23 @@ class CallbackDispatcher:
             return
         try:
             await self.store.callbacks_delivered(batch)
-        except Exception:
+        except Exception as exc:
             # Not acknowledged: the leases run out and the deliveries are sent again.
-            log.exception("acknowledging callbacks failed", extra={"deliveries": len(batch)})
+            self._ack_errors.failed(
+                "acknowledging callbacks failed", exc, {"deliveries": len(batch)}
+            )
+        else:
+            self._ack_errors.succeeded()
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             await self._attempt(delivery)
-        except Exception:
-            log.exception("callback bookkeeping failed", extra={"delivery": delivery.id})
+        except Exception as exc:
+            self._bookkeeping_errors.failed(
+                "callback bookkeeping failed", exc, {"delivery": delivery.id}
+            )
+        else:
+            self._bookkeeping_errors.succeeded()
         finally:
             self._slots.release()
 

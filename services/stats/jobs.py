@@ -27,6 +27,7 @@ import threading
 import uvloop
 from redis.asyncio import Redis
 
+from services.common.outage import OutageLog
 from services.common.redis import make_client
 from services.stats import metrics
 from services.stats.settings import StatsSettings
@@ -133,12 +134,14 @@ class Writer:
     async def _maintain_loop(self, batches: BatchWriter) -> None:
         interval = self.settings.stats_maintenance_interval_s
         reap_ms = int(self.settings.stats_consumer_reap_idle_s * 1000)
+        errors = OutageLog(log, "stats-maintenance")
         while not batches.stopping.is_set():
             try:
                 backlog = await batches.stream.maintain(batches.consumer, reap_idle_ms=reap_ms)
             except Exception as exc:
-                log.warning("stream maintenance failed", extra={"error": repr(exc)})
+                errors.failed("stream maintenance failed", exc)
             else:
+                errors.succeeded()
                 metrics.STREAM_LENGTH.set(backlog.length)
                 metrics.BACKLOG_EVENTS.set(backlog.events)
                 metrics.PENDING.set(backlog.pending)
@@ -162,6 +165,7 @@ class ConsumerLoop:
     async def run(self) -> None:
         """The loop; after a stop request, drain the stream for a bounded time."""
         attempt = 0
+        errors = OutageLog(log, "stats-consumer")
         while not self.batches.stopping.is_set():
             try:
                 await self._cycle()
@@ -169,9 +173,11 @@ class ConsumerLoop:
             except Exception as exc:  # the loop outlives every failure; entries stay pending
                 self.batches.note_failure(exc)
                 await self.batches.close()
-                log.warning("writer cycle failed", extra={"error": repr(exc)})
+                errors.failed("writer cycle failed", exc, {"consumer": self.batches.consumer})
                 await self.batches.pause(self.batches.backoff(attempt))
                 attempt += 1
+            else:
+                errors.succeeded()
         try:
             await self._drain()
         except Exception as exc:
