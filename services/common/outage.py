@@ -87,9 +87,11 @@ class OutageLog:
         *,
         every_s: float = OUTAGE_LOG_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
+        expected: Callable[[BaseException], bool] = is_outage,
     ) -> None:
         self.logger = logger
         self.job = job
+        self.expected = expected  # what is an outage for this job (default: is_outage)
         self.every_s = every_s
         self.clock = clock
         self.failures = 0  # outage failures since the last success
@@ -102,7 +104,7 @@ class OutageLog:
     ) -> None:
         """Log (or count) one failed run of the job."""
         fields = {**(extra or {}), "job": self.job}
-        if not is_outage(exc):
+        if not self.expected(exc):
             self.logger.error(message, exc_info=exc, extra=fields)
             return
         now = self.clock()

@@ -32,7 +32,7 @@ from services.common.redis import make_client
 from services.stats import metrics
 from services.stats.settings import StatsSettings
 from services.stats.stream import Entry, EventStream
-from services.stats.writer import BatchWriter
+from services.stats.writer import BatchWriter, is_transient
 
 log = logging.getLogger("shopstack.stats.writer")
 
@@ -134,7 +134,7 @@ class Writer:
     async def _maintain_loop(self, batches: BatchWriter) -> None:
         interval = self.settings.stats_maintenance_interval_s
         reap_ms = int(self.settings.stats_consumer_reap_idle_s * 1000)
-        errors = OutageLog(log, "stats-maintenance")
+        errors = OutageLog(log, "stats-maintenance", expected=is_transient)
         while not batches.stopping.is_set():
             try:
                 backlog = await batches.stream.maintain(batches.consumer, reap_idle_ms=reap_ms)
@@ -165,7 +165,7 @@ class ConsumerLoop:
     async def run(self) -> None:
         """The loop; after a stop request, drain the stream for a bounded time."""
         attempt = 0
-        errors = OutageLog(log, "stats-consumer")
+        errors = OutageLog(log, "stats-consumer", expected=is_transient)
         while not self.batches.stopping.is_set():
             try:
                 await self._cycle()

@@ -25,6 +25,7 @@ from services.common.outage import OutageLog, is_outage, log_failure, unavailabl
 from services.payment.jobs import Jobs
 from services.payment.settings import PaymentSettings
 from services.payment.state import open_payment_state
+from services.stats.writer import is_transient
 from tests.support.faultproxy import FaultProxy
 from tests.support.servers import free_port, migrated_database
 
@@ -199,6 +200,30 @@ async def test_a_single_failure_is_logged_once_with_or_without_a_trace(
     assert outage.product_id == 5  # type: ignore[attr-defined]
     assert bug.levelno == logging.ERROR
     assert bug.exc_info is not None
+
+
+async def test_a_job_may_say_what_is_an_outage_for_it(
+    records: pytest.LogCaptureFixture, redis_url: str
+) -> None:
+    """The stats writer's loops count Redis's transient replies (a consumer group lost
+    with a restarted Redis: NOGROUP) as an outage, not as a bug."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xreadgroup("no-such-group", "c1", {"outage-log-test-stream": ">"}, count=1)
+    except redis_errors.ResponseError as exc:
+        nogroup: BaseException = exc
+    else:
+        raise AssertionError("read from a consumer group that does not exist")
+    finally:
+        await client.aclose()
+    assert str(nogroup).startswith("NOGROUP")
+    errors = OutageLog(logging.getLogger(LOGGER), "stats-consumer", expected=is_transient)
+    errors.failed("writer cycle failed", nogroup)
+    errors.failed("writer cycle failed", ValueError("bad"))
+    outage, bug = ours(records)
+    assert (outage.levelno, outage.exc_info) == (logging.WARNING, None)
+    assert outage.error.startswith("ResponseError: NOGROUP")  # type: ignore[attr-defined]
+    assert bug.levelno == logging.ERROR
 
 
 # --- a real loop: the payment service's jobs against a Postgres that stops answering ---
