@@ -53,3 +53,6 @@ def configure_logging(service: str, *, level: str = "INFO", json_logs: bool = Tr
     root.handlers = [h for h in root.handlers if h.get_name() != "shopstack"]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    from services.common.outage import quiet_library_outages  # imports asyncpg and redis
+
+    quiet_library_outages()

@@ -136,3 +136,31 @@ class OutageLog:
         )
         self.failures = 0
         self.suppressed = 0
+
+
+class OutageTraceFilter(logging.Filter):
+    """Drop the traceback from a library's log record when its exception is an outage.
+
+    asyncpg's pool logs "Failed to restore the pool connection floor; retrying" with a
+    full trace on every reconnect attempt while Postgres is away (backing off from 1 s
+    to 60 s). The line stays; its trace becomes an `error` field, as in our own logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_outage(exc):
+            record.exc_info = None
+            record.exc_text = None
+            record.error = describe(exc)
+        return True
+
+
+QUIETED_LOGGERS = ("asyncpg.pool",)
+
+
+def quiet_library_outages() -> None:
+    """Install OutageTraceFilter on the libraries' loggers that retry on their own (idempotent)."""
+    for name in QUIETED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OutageTraceFilter) for f in logger.filters):
+            logger.addFilter(OutageTraceFilter())

@@ -20,8 +20,14 @@ from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.common.logs import JsonFormatter
-from services.common.outage import OutageLog, is_outage, log_failure, unavailable_problem
+from services.common.logs import JsonFormatter, configure_logging
+from services.common.outage import (
+    OutageLog,
+    describe,
+    is_outage,
+    log_failure,
+    unavailable_problem,
+)
 from services.payment.jobs import Jobs
 from services.payment.settings import PaymentSettings
 from services.payment.state import open_payment_state
@@ -307,6 +313,34 @@ async def test_payment_jobs_log_a_postgres_outage_in_one_line_each_and_recover(
             await jobs.stop()
 
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    # asyncpg's own pool (its min-size upkeep) may log a warning with a trace, backing
-    # off from 1 s to 60 s: the library's line, not one of ours.
+    # asyncpg's own pool (its min-size upkeep) may log a warning too, without its trace
+    # once the services' logging is configured (test below).
     assert not [r for r in caplog.records if r.exc_info and r.name != "asyncpg.pool"]
+
+
+async def test_a_library_retry_line_keeps_its_message_and_loses_its_trace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncpg's pool logs each failed reconnect of its floor with a trace; the services'
+    logging setup keeps the line and turns an outage's trace into an `error` field."""
+    caplog.set_level(logging.DEBUG, logger="asyncpg.pool")
+    configure_logging("catalog", level="INFO")
+    pool_log = logging.getLogger("asyncpg.pool")
+    message = "Failed to restore the pool connection floor; retrying"
+    outage = await postgres_refused()
+    try:
+        raise outage
+    except Exception:
+        pool_log.warning(message, exc_info=True)
+    try:
+        raise ValueError("a bug in the library's caller")
+    except ValueError:
+        pool_log.warning(message, exc_info=True)
+    quieted, bug = [r for r in caplog.records if r.name == "asyncpg.pool"]
+    assert quieted.getMessage() == message
+    assert quieted.exc_info is None
+    assert quieted.error == describe(outage)  # type: ignore[attr-defined]
+    assert "exc" not in orjson.loads(JsonFormatter("catalog").format(quieted))
+    assert bug.exc_info is not None  # anything else keeps its trace
+    configure_logging("catalog", level="INFO")  # idempotent: still one filter
+    assert len(pool_log.filters) == 1
