@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.common.outage import OutageLog
 from services.stats import metrics, storage
 from services.stats.buckets import Tiers
 from services.stats.events import CorruptEntry, Event, decode_batch
@@ -100,6 +101,7 @@ class BatchWriter:
         self.stopping = stopping
         self._conn: asyncpg.Connection | None = None
         self._group_ready = False
+        self.errors = OutageLog(log, f"stats-write:{consumer}", expected=is_transient)
 
     # --- helpers shared with the loops ---------------------------------------------
 
@@ -191,7 +193,7 @@ class BatchWriter:
         while True:
             try:
                 await self.ensure_group()
-                return await action()
+                result = await action()
             except (PermanentFailure, Abandoned):
                 raise
             except Exception as exc:
@@ -201,11 +203,14 @@ class BatchWriter:
                 metrics.WRITE_FAILURES.labels("transient").inc()
                 self.note_failure(exc)
                 await self.close()
-                log.warning("write failed, will retry", extra={"error": repr(exc), "try": attempt})
+                self.errors.failed("write failed, will retry", exc, {"try": attempt})
                 if self.stopping.is_set():
                     raise Abandoned from exc
                 await self.pause(self.backoff(attempt))
                 attempt += 1
+            else:
+                self.errors.succeeded()
+                return result
 
     async def _commit(self, batch: list[Parsed]) -> None:
         """Store, then ack and count: the normal path of a batch."""

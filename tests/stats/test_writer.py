@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.stats.conftest import (
     stored,
     wait_for,
 )
+from tests.support.faultproxy import FaultProxy
 
 
 @pytest.mark.slow
@@ -189,3 +191,50 @@ async def test_too_old_for_windows_but_valid_is_still_stored(
 
     await wait_for(one, timeout_s=5)
     assert "shopstack_stats_events_unaggregated_total" in (await stats.get("/metrics")).text
+
+
+async def test_a_postgres_outage_is_one_warning_per_writer_then_one_recovery(
+    stats_app: Any,
+    settings_kwargs: dict[str, Any],
+    pg: asyncpg.Connection,
+    pid_base: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While Postgres is away the writer retries every ~50 ms and keeps what it accepted;
+    its log says so once (no trace), then once when it is back, and then it stores all."""
+    caplog.set_level(logging.INFO, logger="shopstack.stats.writer")
+
+    def writer_records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "job", "").startswith("stats-write:")]
+
+    async with FaultProxy.for_url(settings_kwargs["database_url"]) as proxy:
+        app = stats_app(database_url=proxy.url, stats_retry_backoff_max_s=0.05)
+        async with app as client:
+            proxy.reset_peer()  # every connection, live or new, is reset
+            events = [event(pid_base + 1, user_id=f"u{i}") for i in range(200)]
+            resp = await client.post("/api/v1/events", content=body(events), headers=JSON)
+            assert resp.status_code == 202
+            accepted = proxy.accepted
+
+            async def many_retries() -> bool:
+                return proxy.accepted >= accepted + 15
+
+            await wait_for(many_retries, timeout_s=15)
+            during = writer_records()
+            assert len(during) == 1
+            assert during[0].levelno == logging.WARNING
+            assert during[0].exc_info is None
+            assert during[0].getMessage() == "write failed, will retry: a store did not answer"
+
+            proxy.clear()
+            ids = [e["event_id"] for e in events]
+
+            async def all_stored() -> bool:
+                return await stored(pg, ids) == 200
+
+            await wait_for(all_stored, timeout_s=10)
+            recovered = writer_records()[1:]
+            assert [r.levelno for r in recovered] == [logging.INFO]
+            assert recovered[0].getMessage().endswith("recovered")
+            assert recovered[0].failures >= 15  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
