@@ -45,13 +45,18 @@ from services.common.tasks import BackgroundTasks
 from services.gateway import domain
 from services.gateway.clientip import TrustedProxies
 from services.gateway.http import (
+    CLOSE,
+    BadRequest,
+    Framing,
     Reply,
     Request,
     asgi_request,
+    read_whole,
     request_id_from,
     rsgi_request,
     send_asgi,
     send_rsgi,
+    transfer_framing,
 )
 from services.gateway.microcache import Entry, MicroCache, listen_for_changes
 from services.gateway.passwords import Passwords
@@ -266,6 +271,9 @@ class Gateway:
         method = scope.method
         headers = scope.headers
         rid = request_id_from(headers.get("x-request-id"))
+        if headers.get("transfer-encoding") is not None:
+            await self._rsgi_transfer_coded(scope, protocol, rid, started)
+            return
         # The hot path: a cached product page is answered without leaving this frame.
         key = product_key(scope.path, scope.query_string) if method in ("GET", "HEAD") else None
         entry = self.cache.get(key) if key is not None else None
@@ -290,6 +298,23 @@ class Gateway:
         send_rsgi(protocol, reply, head=method == "HEAD")
         self.stats.record(route, method, reply.status, time.perf_counter() - started)
 
+    async def _rsgi_transfer_coded(
+        self, scope: Any, protocol: Any, rid: str, started: float
+    ) -> None:
+        """A request with Transfer-Encoding: no fast path; odd framing closes the connection."""
+        headers = scope.headers
+        framing = transfer_framing(
+            headers.get_all("transfer-encoding"), headers.get("content-length")
+        )
+        refused = None
+        if framing is Framing.REFUSE:
+            refused = BadRequest("Transfer-Encoding must be a single chunked coding", headers=CLOSE)
+        route, reply = await self.handle(rsgi_request(scope, protocol, refused=refused), rid)
+        if framing is not Framing.PLAIN and all(k != "connection" for k, _ in reply.headers):
+            reply.headers.append(("connection", "close"))
+        send_rsgi(protocol, reply, head=scope.method == "HEAD")
+        self.stats.record(route, scope.method, reply.status, time.perf_counter() - started)
+
     async def _sold_out_fast(self, headers: Any, protocol: Any, rid: str) -> Reply | bytes | None:
         """A sold-out reply, or the body read on the way (for the normal path), or None.
 
@@ -313,9 +338,13 @@ class Gateway:
             return None
         try:
             async with asyncio.timeout(self.settings.body_read_timeout_s):
-                body: bytes = await protocol()
+                body = await read_whole(protocol)
         except TimeoutError:
             reply = problem_reply(RequestTimeout("request body was not received in time"))
+            reply.headers.append(("x-request-id", rid))
+            return reply
+        except BadRequest as exc:
+            reply = problem_reply(exc)
             reply.headers.append(("x-request-id", rid))
             return reply
         product_id = ordered_product(body)
@@ -363,9 +392,12 @@ class Gateway:
         self.stats.in_flight += 1
         try:
             route = match(self.routes, request.path)
+            if route is not None:
+                route_name = route.name
+            if request.refused is not None:
+                raise request.refused
             if route is None:
                 raise NotFound(f"no route for {request.path}")
-            route_name = route.name
             if route.methods is not None and request.method not in route.methods:
                 allow = ", ".join(sorted(route.methods))
                 raise MethodNotAllowed("method not allowed", headers={"Allow": allow})

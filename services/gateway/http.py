@@ -13,7 +13,10 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
+
+from granian._granian import RSGIProtocolClosed
 
 from services.common.asgi import Receive, Scope, Send
 from services.common.errors import PayloadTooLarge, Problem, RequestTimeout
@@ -34,6 +37,36 @@ class BadRequest(Problem):
     status, code, title = 400, "bad-request", "Bad Request"
 
 
+# The connection cannot be trusted to carry a next request after a framing error.
+CLOSE = {"Connection": "close"}
+
+
+class Framing(StrEnum):
+    """How the gateway takes a request that carries Transfer-Encoding."""
+
+    PLAIN = "plain"  # one `chunked`, no Content-Length
+    CLOSE = "close"  # the chunks decide the body; the connection closes after the reply
+    REFUSE = "refuse"  # 400, and the connection closes
+
+
+def transfer_framing(codings: list[str], content_length: str | None) -> Framing:
+    """Judge the Transfer-Encoding values of a request (RFC 9112 6.1, 6.3, 7).
+
+    The gateway takes exactly one `chunked` coding and nothing else: the server
+    (hyper, under granian) frames a body by `chunked` when it is the last coding,
+    so "identity, chunked" or a second header line would be read as chunks here and
+    perhaps otherwise by a proxy in front. Those are refused. A `chunked` spelt in
+    another case, or sent with a Content-Length, is read by its chunks alone and the
+    connection is closed after the reply, as RFC 9112 6.1 requires of the latter.
+    """
+    names = [name.strip().lower() for value in codings for name in value.split(",")]
+    if names != ["chunked"]:
+        return Framing.REFUSE
+    if content_length is not None or codings != ["chunked"]:
+        return Framing.CLOSE
+    return Framing.PLAIN
+
+
 class Headers(Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...
     def items(self) -> list[tuple[str, str]]: ...
@@ -51,6 +84,7 @@ class Request:
     prechecked: bool = False  # the body was read (and judged) by a fast path already
     # The whole body in one read, when the server bounds it by Content-Length (RSGI).
     whole: Callable[[], Awaitable[bytes]] | None = None
+    refused: Problem | None = None  # its framing was refused before routing (RSGI)
 
     async def body(self, *, limit: int, timeout_s: float) -> bytes:
         """The whole body, refused past `limit` bytes or `timeout_s` seconds (413/408/400)."""
@@ -113,19 +147,50 @@ class _DictHeaders:
         return self._items
 
 
-def rsgi_request(scope: Any, protocol: Any, body: bytes | None = None) -> Request:
+async def read_whole(protocol: Any) -> bytes:
+    """A granian RSGI body in one read; 400 when it ended early or was malformed."""
+    try:
+        body: bytes = await protocol()
+    except RSGIProtocolClosed:
+        raise BadRequest("the request body was cut short", headers=CLOSE) from None
+    return body
+
+
+async def read_chunks(protocol: Any) -> AsyncIterator[bytes]:
+    """A granian RSGI body chunk by chunk; 400 when it ended early or was malformed.
+
+    granian's iterator yields b"" once at the end of a body, and yields b"" in place
+    of an error too (a chunk size line hyper refuses, a client gone mid-body), after
+    which the body ends: so anything after a b"" means the body failed, and what came
+    before it must not be forwarded as if it were whole. (A chunked body's trailers
+    also arrive as a b""; the gateway forwards none and refuses them with the rest.)
+    """
+    ended = False
+    async for chunk in protocol:
+        if ended:
+            raise BadRequest("the request body was cut short or malformed", headers=CLOSE)
+        if chunk:
+            yield chunk
+        else:
+            ended = True
+
+
+def rsgi_request(
+    scope: Any, protocol: Any, body: bytes | None = None, refused: Problem | None = None
+) -> Request:
     """Wrap a granian RSGI scope and protocol (`body`: already read from it)."""
 
     async def chunks() -> AsyncIterator[bytes]:
         if body is not None:
             yield body
             return
-        async for chunk in protocol:
+        async for chunk in read_chunks(protocol):
             yield chunk
 
     async def read_all() -> bytes:
-        assert body is not None
-        return body
+        if body is not None:
+            return body
+        return await read_whole(protocol)
 
     host = scope.client.rsplit(":", 1)[0].strip("[]") if scope.client else ""
     return Request(
@@ -137,7 +202,8 @@ def rsgi_request(scope: Any, protocol: Any, body: bytes | None = None) -> Reques
         scope.scheme,
         chunks,
         prechecked=body is not None,
-        whole=protocol if body is None else read_all,
+        whole=read_all,
+        refused=refused,
     )
 
 

@@ -206,6 +206,8 @@ async def test_login_fails_closed_without_redis(
         b'{"username": 1, "password": "x"}',
         b'{"username": "demo1", "password": "x", "role": "admin"}',
         b'{"username": "", "password": "x"}',
+        b'{"username": "demo1\\u0000", "password": "x"}',  # IN-9: was a 500 (Postgres text)
+        b'{"username": "demo\\n1", "password": "x"}',
         b"[]",
         b"\xff",
     ],

@@ -1,4 +1,5 @@
-"""The RSGI request adapter: a declared body is read in one go, with every cap kept."""
+"""The RSGI request adapter: a declared body is read in one go, with every cap kept; a
+body granian could not read whole, or odd Transfer-Encoding, is refused (IN-7)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from granian._granian import RSGIProtocolClosed
 
 from services.common.errors import PayloadTooLarge, RequestTimeout
-from services.gateway.http import BadRequest, rsgi_request
+from services.gateway.http import BadRequest, Framing, rsgi_request, transfer_framing
 
 
 @dataclass
@@ -105,3 +107,75 @@ async def test_a_chunked_body_is_counted_even_with_a_small_declared_length() -> 
     with pytest.raises(PayloadTooLarge):
         await rsgi_request(Scope(headers), protocol).body(limit=10, timeout_s=1.0)
     assert protocol.reads == ["chunks"]
+
+
+@dataclass
+class GranianStream:
+    """granian's RSGI body iterator as it behaves: a b"" at the end of a body, and a
+    b"" in place of an error (after which the body ends), so b"", b"" is a failure."""
+
+    items: list[bytes]
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[bytes]:
+        for item in self.items:
+            yield item
+
+    async def __call__(self) -> bytes:
+        raise RSGIProtocolClosed("RSGI transport is closed")
+
+
+CHUNKED = {"transfer-encoding": "chunked"}
+
+
+async def test_a_clean_chunked_body_ends_with_one_empty_read() -> None:
+    request = rsgi_request(Scope(CHUNKED), GranianStream([b"ab", b"c", b""]))
+    assert await request.body(limit=10, timeout_s=1.0) == b"abc"
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [b"", b""],  # IN-7: a chunk size line hyper refused ("1\nZ", "-1", "0x1", overflow)
+        [b"Z", b"", b""],  # a chunk's data not followed by CRLF; or a client gone mid-body
+        [b"Z", b"", b"", b""],
+    ],
+)
+async def test_a_failed_chunked_body_is_refused_not_forwarded_cut_short(
+    items: list[bytes],
+) -> None:
+    """IN-7: granian ended such a body quietly; the gateway forwarded what it had got."""
+    with pytest.raises(BadRequest) as refused:
+        await rsgi_request(Scope(CHUNKED), GranianStream(items)).body(limit=10, timeout_s=1.0)
+    assert refused.value.headers == {"Connection": "close"}
+
+
+async def test_a_declared_body_cut_short_is_400_not_500() -> None:
+    request = rsgi_request(Scope({"content-length": "5"}), GranianStream([]))
+    with pytest.raises(BadRequest) as refused:
+        await request.body(limit=10, timeout_s=1.0)
+    assert refused.value.headers == {"Connection": "close"}
+
+
+@pytest.mark.parametrize(
+    ("codings", "content_length", "framing"),
+    [
+        (["chunked"], None, Framing.PLAIN),
+        (["chunked"], "3", Framing.CLOSE),  # CL.TE / TE.CL: the chunks alone, then close
+        (["ChUnKeD"], None, Framing.CLOSE),
+        (["identity, chunked"], None, Framing.REFUSE),
+        (["identity", "chunked"], None, Framing.REFUSE),
+        (["chunked", "chunked"], None, Framing.REFUSE),
+        (["chunked, identity"], None, Framing.REFUSE),
+        (["xchunked"], None, Framing.REFUSE),
+        (["gzip, chunked"], None, Framing.REFUSE),
+        (["chunked,"], None, Framing.REFUSE),
+        ([""], None, Framing.REFUSE),
+    ],
+)
+def test_in7_transfer_encoding_is_one_chunked_coding_or_refused(
+    codings: list[str], content_length: str | None, framing: Framing
+) -> None:
+    assert transfer_framing(codings, content_length) is framing
