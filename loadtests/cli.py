@@ -210,7 +210,7 @@ def run(opts: Options, slo_path: Path | None) -> tuple[int, dict[str, Any], Path
     notes: list[str] = []
     if not any(s in groups for s in SERVICES):
         notes.append("no service process found behind the target's ports: RSS/CPU not sampled")
-    if {"payment", "callbacks", "callbacks-unique"} & set(opts.scenarios):
+    if {"payment", "payment-status", "callbacks", "callbacks-unique"} & set(opts.scenarios):
         # Before the baseline: the PUT resets the product's units on sale.
         try:
             session.ensure_product()

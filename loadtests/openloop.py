@@ -69,6 +69,12 @@ def build_source(spec: dict[str, Any], host: str, close: bool) -> Source:
     if kind == "payment":
         pairs = workload.read_pairs(Path(src["file"]))
         return Source([workload.payment_request(p) for p in pairs], host, close)
+    if kind == "payment-status":
+        # Polling the same payments again and again is the point: cycle, never "wrapped".
+        owned = workload.read_owned_payments(Path(src["file"]))
+        statuses = Source([workload.payment_status_request(o) for o in owned], host, close)
+        statuses.draw = lambda i: statuses.rendered[i % len(statuses.rendered)]
+        return statuses
     if kind == "callbacks":
         events = workload.read_events(Path(src["file"]))
         return Source([workload.callback_request(e) for e in events], host, close)

@@ -261,6 +261,14 @@ async def create_payments(
     return batch
 
 
+async def fetch_payment(base_url: str, owned: workload.OwnedPayment) -> tuple[int, str]:
+    """Read one payment as its owner would: (status, the start of the body)."""
+    request = workload.payment_status_request(owned)
+    async with client(base_url) as http:
+        resp = await http.get(request.path, headers=request.headers)
+        return resp.status_code, resp.text[:200]
+
+
 async def send_callback(base_url: str, event: workload.SignedEvent) -> tuple[int, str]:
     """Deliver one signed event; (status, the reply's "status" member or body)."""
     async with client(base_url) as http:

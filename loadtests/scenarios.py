@@ -1,4 +1,5 @@
-"""The write-up's four scenarios (plus unique callbacks), each closed-loop and open-model.
+"""The write-up's four scenarios (plus unique callbacks and the payment-status reference),
+each closed-loop and open-model.
 
 Closed loop = the write-up's tools: wrk or ab keep N connections busy and
 send again as soon as a reply arrives. Open model = loadtests/openloop.py at a
@@ -96,6 +97,18 @@ class Scenario(ABC):
         return run_openloop(spec=spec, plan=s.plan, workdir=s.workdir, sampler=s.sampler)
 
 
+async def _can_pay(s: Session) -> Availability:
+    """Whether orders and payments can be created (the probes' empty bodies create nothing)."""
+    users = await asyncio.to_thread(s.tokens)
+    token, address = users.pick(0)
+    headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": address}
+    async with prepare.client(s.options.target) as http:
+        orders = await prepare.probe(http, "POST", "/api/v1/orders", json={}, headers=headers)
+        if not orders.available:
+            return orders
+        return await prepare.probe(http, "POST", "/api/v1/payments", json={}, headers=headers)
+
+
 def _needed(
     est_rps: float | None, duration_s: float, *, guess_rps: float, cap: int, margin: float = 1.3
 ) -> int:
@@ -137,14 +150,7 @@ class Payment(Scenario):
     expected = (201,)
 
     async def availability(self, s: Session) -> Availability:
-        users = await asyncio.to_thread(s.tokens)
-        token, address = users.pick(0)
-        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": address}
-        async with prepare.client(s.options.target) as http:
-            orders = await prepare.probe(http, "POST", "/api/v1/orders", json={}, headers=headers)
-            if not orders.available:
-                return orders
-            return await prepare.probe(http, "POST", "/api/v1/payments", json={}, headers=headers)
+        return await _can_pay(s)
 
     def prepare(self, s: Session) -> None:
         s.ensure_product()
@@ -166,6 +172,67 @@ class Payment(Scenario):
     def source(self, s: Session, rate: float, duration_s: float) -> dict[str, Any]:
         count = min(s.options.max_pairs, math.ceil(rate * duration_s) + 10)
         return {"kind": "payment", "file": str(self._pairs_file(s, count, s.notes))}
+
+
+class PaymentStatus(Scenario):
+    """The owner polling a payment of theirs, as a checkout page does after paying.
+
+    Not in the write-up. It is the cheapest authenticated short-connection request that
+    reaches the payment service and its database (the token checked at the gateway, one
+    read of the payment), on the payment scenario's shape but for the method: the payment
+    scenario's cost less this one's is what paying itself costs (catalog hold, provider
+    charge, writes).
+    """
+
+    name = "payment-status"
+    title = "Payment status, short connections (the owner polling)"
+    close = True
+    default_connections = Payment.default_connections
+    payments = 100  # real payments polled in turn (one per demo user by default)
+
+    async def availability(self, s: Session) -> Availability:
+        return await _can_pay(s)
+
+    def prepare(self, s: Session) -> None:
+        s.ensure_product()
+        users = s.tokens()
+        orders = asyncio.run(prepare.create_orders(s.options.target, users, self.payments))
+        if not orders.items:
+            raise PrepareError(
+                f"no reserved order could be created for payments to poll: {dict(orders.failures)}"
+            )
+        paid = asyncio.run(prepare.create_payments(s.options.target, orders.items))
+        owners = {pair.order_id: pair for pair in orders.items}
+        owned: list[workload.OwnedPayment] = []
+        for payment in paid.items:
+            owner = owners.get(str(payment["order_id"]))
+            if owner is not None:
+                owned.append(workload.OwnedPayment(owner.token, str(payment["id"]), owner.client))
+        if not owned:
+            raise PrepareError(
+                "no payment could be created to poll: POST /api/v1/payments answered "
+                f"{dict(paid.failures)} for {len(orders.items)} reserved orders"
+            )
+        failures = orders.failures + paid.failures
+        if failures:
+            s.notes.append(f"payments to poll: {len(owned)} made, failures {dict(failures)}")
+        first = owned[0]
+        status, reply = asyncio.run(prepare.fetch_payment(s.options.target, first))
+        if status != 200:
+            raise PrepareError(
+                f"GET /api/v1/payments/{first.payment_id} as the payment's owner answered "
+                f"{status}: {reply}"
+            )
+        workload.write_owned_payments(self._file(s), owned)
+
+    def _file(self, s: Session) -> Path:
+        return s.workdir / "payment_status.tsv"
+
+    def closed(self, s: Session, duration_s: float, est_rps: float | None) -> Run:
+        return self.wrk(s, "payment_status", [str(self._file(s))], duration_s)
+
+    def source(self, s: Session, rate: float, duration_s: float) -> dict[str, Any]:
+        return {"kind": "payment-status", "file": str(self._file(s))}
 
 
 class Login(Scenario):
@@ -331,7 +398,15 @@ def payment_refs(s: Session, count: int = 10) -> list[workload.PaymentRef]:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    sc.name: sc for sc in (ProductDetail(), Payment(), Login(), Callbacks(), CallbacksUnique())
+    sc.name: sc
+    for sc in (
+        ProductDetail(),
+        Payment(),
+        PaymentStatus(),
+        Login(),
+        Callbacks(),
+        CallbacksUnique(),
+    )
 }
 
 

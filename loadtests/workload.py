@@ -100,6 +100,25 @@ def payment_request(pair: PaymentPair) -> HttpRequest:
     return HttpRequest("POST", "/api/v1/payments", headers, body)
 
 
+@dataclass(frozen=True)
+class OwnedPayment:
+    """A real payment and its owner: the token that may read it and the owner's address."""
+
+    token: str
+    payment_id: str
+    client: str  # the owner's X-Forwarded-For address
+
+
+def payment_status_request(owned: OwnedPayment) -> HttpRequest:
+    """What a checkout page polls after paying: the owner reading their payment."""
+    headers = {
+        "Accept": "application/json",
+        "Authorization": f"Bearer {owned.token}",
+        "X-Forwarded-For": owned.client,
+    }
+    return HttpRequest("GET", f"/api/v1/payments/{owned.payment_id}", headers)
+
+
 CALLBACK_PATH = "/api/v1/payments/callbacks/psp"
 
 
@@ -175,6 +194,15 @@ def write_pairs(path: Path, pairs: Sequence[PaymentPair]) -> Path:
 
 def read_pairs(path: Path) -> list[PaymentPair]:
     return [PaymentPair(*line.split("\t")) for line in _lines(path)]
+
+
+def write_owned_payments(path: Path, owned: Sequence[OwnedPayment]) -> Path:
+    path.write_text("".join(f"{o.token}\t{o.payment_id}\t{o.client}\n" for o in owned))
+    return path
+
+
+def read_owned_payments(path: Path) -> list[OwnedPayment]:
+    return [OwnedPayment(*line.split("\t")) for line in _lines(path)]
 
 
 def write_events(path: Path, events: Sequence[SignedEvent]) -> Path:

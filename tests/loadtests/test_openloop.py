@@ -126,6 +126,7 @@ def test_calibration_hello_answers_every_shape(interface: str, tmp_path: Path) -
     with hello_server(interface, plan) as url:
         for shape in (
             Shape("wrk", 4, False),
+            Shape("wrk", 4, True),
             Shape("wrk", 4, True, "POST"),
             Shape("ab", 4, True, "POST"),
         ):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from loadtests.report import write_json
+from loadtests.session import SCENARIO_NAMES
 from loadtests.slo import SloFileError, evaluate, load_slo
 from services.cli import main as shopstack
 
@@ -25,6 +26,10 @@ def test_shipped_default_slo_is_valid() -> None:
     assert "product-detail" in slo.scenarios
     for limits in slo.scenarios.values():
         assert limits
+
+
+def test_shipped_default_slo_names_every_scenario() -> None:
+    assert set(SCENARIO_NAMES) <= set(load_slo(DEFAULT_SLO).scenarios)
 
 
 def test_met_thresholds_give_no_miss(tmp_path: Path, sample_report: dict[str, Any]) -> None:

@@ -30,7 +30,14 @@ from tests.support.stack import RunningStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ("product-detail", "payment", "login", "callbacks", "callbacks-unique")
+SCENARIOS = (
+    "product-detail",
+    "payment",
+    "payment-status",
+    "login",
+    "callbacks",
+    "callbacks-unique",
+)
 USERS = 10
 IMPOSSIBLE = "scenarios:\n  product-detail: {min_rps: 100000000}\n"
 
@@ -147,6 +154,22 @@ def test_scenario_runs_against_the_stack(
         assert r["median"]["error_rate"] < 0.5, r["statuses"]
 
 
+def test_payment_status_reads_only_payments_its_tokens_own(
+    smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any], Path],
+) -> None:
+    """Every poll answered 200: a 404 would be a payment asked for with another user's token."""
+    proc, report, _ = smoke
+    results = results_of(report, "payment-status")
+    assert {r["model"] for r in results} == {"closed", "open"}
+    for r in results:
+        assert r["status"] == "ok", (r["status"], r["reason"], proc.stderr[-2000:])
+        assert r["requests"] > 0
+        assert r["errors"] == 0, r["statuses"]
+        assert r["statuses"] == {"200": r["requests"]}
+        assert r["median"]["error_rate"] == 0
+        assert "wrapped" not in r["marks"]  # cycling through the payments is by design
+
+
 def test_audit_passes_and_names_what_it_could_not_check(
     smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any], Path],
 ) -> None:
@@ -168,6 +191,7 @@ def test_audit_passes_and_names_what_it_could_not_check(
     ran = {s["name"] for s in report["scenarios"] if s["status"] == "ok"}
     needs = {
         "payment": ["stock-invariant", "sold-within-on-sale", "no-double-charge"],
+        "payment-status": ["stock-invariant", "sold-within-on-sale", "no-double-charge"],
         "callbacks": ["callbacks-applied-once"],
         "callbacks-unique": ["callbacks-applied-once"],
     }
