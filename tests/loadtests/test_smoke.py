@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from loadtests.session import SCENARIO_NAMES
 from services.catalog.seed import seed_products
 from services.common.settings import load
 from services.gateway.seed import seed_users
@@ -30,14 +31,7 @@ from tests.support.stack import RunningStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = (
-    "product-detail",
-    "payment",
-    "payment-status",
-    "login",
-    "callbacks",
-    "callbacks-unique",
-)
+SCENARIOS = SCENARIO_NAMES  # every scenario the CLI knows
 USERS = 10
 IMPOSSIBLE = "scenarios:\n  product-detail: {min_rps: 100000000}\n"
 
