@@ -142,20 +142,25 @@ async def ensure_gate(inv: Inventory, *, force: bool = False) -> bool:
     The gate remembers the Redis run id it was built under; a restarted Redis has
     a new run id (and may have lost writes), so its gate is rebuilt. One worker
     rebuilds at a time. Returns True when this call rebuilt it.
+
+    The lock is per run id: a restarted Redis may come back from its append-only
+    file with the lock of a rebuild it was killed in (or whose unlock it lost), and
+    that lock must not hold up the rebuild of the new Redis until it expires (INV-6).
     """
     run_id = await inv.gate.server_run_id()
     if not force and await inv.gate.installed_run_id() == run_id:
         return False
+    lock_key = f"{REBUILD_LOCK_KEY}:{run_id}"
     lock = uuid.uuid4().hex
-    if not await inv.redis.set(REBUILD_LOCK_KEY, lock, nx=True, ex=60):
+    if not await inv.redis.set(lock_key, lock, nx=True, ex=60):
         return False
     try:
         count = await rebuild_gate(inv)
         await inv.gate.mark_rebuilt(run_id)
         log.info("gate rebuilt", extra={"products": count, "redis_run_id": run_id})
     finally:
-        if await inv.redis.get(REBUILD_LOCK_KEY) == lock.encode():
-            await inv.redis.delete(REBUILD_LOCK_KEY)
+        if await inv.redis.get(lock_key) == lock.encode():
+            await inv.redis.delete(lock_key)
     return True
 
 

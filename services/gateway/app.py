@@ -572,8 +572,8 @@ class Gateway:
             extra["x-user-role"] = user.role
         path_qs = request.path + ("?" + request.query if request.query else "")
         assert route.upstream is not None
-        # aiohttp itself resends an idempotent method once when its connection dies before
-        # the answer (RFC 9112 9.3.1); a POST is resent once only with an Idempotency-Key.
+        # An idempotent method is resent once when its connection dies before the answer
+        # (RFC 9112 9.3.1); a POST only when it carries an Idempotency-Key.
         may_retry = has_key and request.method == "POST"
         reply = (
             await self._state()

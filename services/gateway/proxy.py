@@ -1,9 +1,12 @@
 """Pooled keep-alive forwarding to the upstream services.
 
 One aiohttp session per upstream with an explicit connection limit and an idle
-expiry shorter than the upstream's keep-alive. A request is retried once on a
-connection that died before answering only when it is safe: an idempotent
-method, or a POST that carries an Idempotency-Key.
+expiry shorter than the upstream's keep-alive. A request is resent once when the
+upstream closed its connection before any byte of the reply, and only when that is
+safe: an idempotent method, or a POST that carries an Idempotency-Key. The resend
+goes out on a new connection, never on another pooled one: an upstream that is
+restarting closes all its idle connections at once, so the next pooled socket is
+often just as dead (SHD-6).
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ DROP_REQUEST = HOP_BY_HOP | {
 # x-request-id: the gateway adds its own (the same id, which it forwarded upstream).
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date", "x-request-id"}
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# The connection broke before the reply began. (A failed connect is a ClientOSError too;
+# forward() does not resend that one: a new connection would fail the same way at once.)
+CLOSED_UNDER_US = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientConnectionResetError,
+)
 # Parsed upstream URLs kept per path (the write routes reuse a handful of paths).
 URL_CACHE_ENTRIES = 1024
 URL_CACHE_MAX_PATH = 256
@@ -109,15 +119,34 @@ class Upstream:
             enable_cleanup_closed=False,
             ttl_dns_cache=300,
         )
-        self.session = aiohttp.ClientSession(
-            connector=self._connector,
+        self.session = self._session(self._connector)
+        # Resends only: one new connection per request, closed after its reply.
+        self._fresh = self._session(
+            aiohttp.TCPConnector(
+                limit=pool_size,
+                limit_per_host=pool_size,
+                force_close=True,
+                enable_cleanup_closed=False,
+                ttl_dns_cache=300,
+            )
+        )
+
+    @staticmethod
+    def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        session = aiohttp.ClientSession(
+            connector=connector,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        # aiohttp would resend an idempotent request once by itself, on the next pooled
+        # socket; forward() resends on a new connection instead (no attribute to set this).
+        session._retry_connection = False
+        return session
 
     async def close(self) -> None:
         await self.session.close()
+        await self._fresh.close()
 
     def url(self, path_qs: str) -> URL | str:
         """The upstream URL of a path, parsed once per path (as aiohttp would parse it).
@@ -158,13 +187,18 @@ class Upstream:
         timeout_s: float,
         may_retry: bool,
     ) -> UpstreamReply:
-        """Send one request upstream and return the whole reply; problems map to 502/504."""
+        """Send one request upstream and return the whole reply; problems map to 502/504.
+
+        `may_retry` marks a POST that may be resent (it carries an Idempotency-Key);
+        idempotent methods may be resent anyway.
+        """
         timeout = self.timeout(timeout_s)
         url = self.url(path_qs)
-        attempts = 2 if may_retry else 1
+        attempts = 2 if may_retry or method in IDEMPOTENT_METHODS else 1
+        session = self.session
         for attempt in range(1, attempts + 1):
             try:
-                async with self.session.request(
+                async with session.request(
                     method,
                     url,
                     headers=headers,
@@ -174,9 +208,15 @@ class Upstream:
                 ) as resp:
                     payload = await resp.read()
                     return UpstreamReply(resp.status, response_headers(resp.headers), payload)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # A pooled socket the upstream closed; safe to resend only if idempotent.
-                if attempt < attempts:
+            except CLOSED_UNDER_US as exc:
+                # The upstream closed the connection before any byte of the reply (a
+                # pooled socket it was closing): resend once, if safe, on a new one.
+                if attempt < attempts and not isinstance(exc, aiohttp.ClientConnectorError):
+                    log.info(
+                        "upstream closed the connection; resending",
+                        extra=self._ctx(exc, method, path_qs),
+                    )
+                    session = self._fresh
                     continue
                 log.warning("upstream connection failed", extra=self._ctx(exc, method, path_qs))
                 raise UpstreamUnavailable(

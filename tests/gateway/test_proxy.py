@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from yarl import URL
 
+from services.common.errors import UpstreamUnavailable
 from services.gateway.app import create_app
 from services.gateway.proxy import URL_CACHE_ENTRIES, Upstream
 from tests.gateway.conftest import Echo, gateway_settings
 from tests.gateway.helpers import login
 from tests.support.asgi import client_for
 from tests.support.problems import assert_problem
-from tests.support.servers import free_port
+from tests.support.servers import aiohttp_site, free_port
 
 
 async def test_hop_by_hop_and_identity_headers_are_stripped(
@@ -210,6 +213,57 @@ async def test_retry_only_when_safe(
     resp = await gateway_to_echo.request(method, path, headers=headers, json={"a": 1})
     assert_problem(resp, 502, "upstream-unavailable")
     assert len(echo.seen) == attempts
+
+
+async def test_a_resend_never_takes_another_pooled_connection() -> None:
+    """SHD-6 in small: a restarting upstream closes all its idle keep-alive connections
+    at once, so after one pooled socket failed the next pooled one is dead too. Here the
+    upstream drops every request that arrives on a connection it already answered on:
+    the one resend goes out on a new connection, and only when it is safe."""
+    port = free_port()
+    answered: list[asyncio.BaseTransport] = []  # connections that served a request
+    seen: list[tuple[str, bool]] = []  # (method, arrived on a reused connection)
+    closing = False
+
+    async def handle(request: web.Request) -> web.Response:
+        transport = request.transport
+        assert transport is not None
+        reused = any(t is transport for t in answered)
+        seen.append((request.method, reused))
+        if closing and reused:
+            transport.close()
+            raise ConnectionResetError("closed on purpose")
+        answered.append(transport)
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    upstream = Upstream(
+        "catalog", f"http://127.0.0.1:{port}", pool_size=10, idle_s=30.0, connect_timeout_s=1.0
+    )
+    try:
+        async with aiohttp_site(app, port):
+
+            async def send(method: str, *, may_retry: bool = False) -> int:
+                reply = await upstream.forward(
+                    method, "/x", [], b"{}", timeout_s=5.0, may_retry=may_retry
+                )
+                return reply.status
+
+            assert await asyncio.gather(*(send("GET") for _ in range(3))) == [200] * 3
+            closing = True  # the three pooled connections are dead from now on
+            seen.clear()
+            assert await send("GET") == 200
+            assert seen == [("GET", True), ("GET", False)]
+            seen.clear()
+            assert await send("POST", may_retry=True) == 200  # carries an Idempotency-Key
+            assert seen == [("POST", True), ("POST", False)]
+            seen.clear()
+            with pytest.raises(UpstreamUnavailable):
+                await send("POST")  # no key: never resent
+            assert seen == [("POST", True)]
+    finally:
+        await upstream.close()
 
 
 async def test_odd_paths_reach_the_upstream_as_before(

@@ -10,18 +10,16 @@ without restarting anything.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 
 import asyncpg
 import httpx
-import psutil
 import pytest
 
 from services.common.embedded import EmbeddedRedis
 from tests.support.problems import assert_problem
-from tests.support.servers import free_port
+from tests.support.servers import free_port, kill_redis
 from tests.support.stack import RunningStack, private_stack
 
 ORDER = "/api/v1/orders"
@@ -49,20 +47,6 @@ def outage_stack(
         yield found
 
 
-def _kill_redis(redis: EmbeddedRedis) -> None:
-    """SIGKILL the redis-server itself (no shutdown, no final AOF rewrite)."""
-    port = redis.url.rsplit(":", 1)[1].split("/")[0]
-    victims = [
-        proc
-        for proc in psutil.process_iter(["name", "cmdline"])
-        if "redis-server" in (proc.info["name"] or "")
-        and any(f":{port}" in part or part == port for part in proc.info["cmdline"] or [])
-    ]
-    assert len(victims) == 1, victims
-    os.kill(victims[0].pid, 9)
-    victims[0].wait(10)
-
-
 async def _stock(dsn: str) -> dict[int, int]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -84,7 +68,7 @@ def test_flt4_redis_killed_and_back(
     before = httpx.post(url + ORDER, json={"product_id": 3, "quantity": 1}, headers=buyer)
     assert before.status_code == 201, before.text
 
-    _kill_redis(own_redis)
+    kill_redis(own_redis)
     # Every order needs the inventory gate: each is refused at once, never a hang or a 500
     # (the client's timeout of 5 s would fail the test long before the services' own).
     with httpx.Client(timeout=5.0) as client:

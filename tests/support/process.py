@@ -18,6 +18,7 @@ import psutil
 from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+WORKER_STARTED = b"Started worker-1"
 
 
 @dataclass
@@ -84,20 +85,29 @@ def start_service(
     log_path: Path,
     port: int | None = None,
     timeout_s: float = 30.0,
+    beside: bool = False,
 ) -> ServiceProcess:
-    """Start `shopstack serve SERVICE` (one worker, its own process group) and wait for /readyz."""
+    """Start `shopstack serve SERVICE` (one worker, its own process group) and wait for /readyz.
+
+    With `beside`, another server already listens on `port` (granian binds with
+    SO_REUSEPORT, so both accept there: a restart without a gap). Its /readyz would
+    answer for this one, so readiness is this server's worker reporting it started
+    (granian logs that once the app's lifespan has started).
+    """
     port = port or free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {
         **os.environ,
         "SHOPSTACK_ENV": "test",
         "SHOPSTACK_WORKERS": "1",
-        "PROMETHEUS_MULTIPROC_DIR": str(log_path.parent / f"prometheus-{service}-{port}"),
+        # One per log: a server started beside another on its port must not wipe its files.
+        "PROMETHEUS_MULTIPROC_DIR": str(log_path.parent / f"prometheus-{log_path.stem}-{port}"),
         **env,
         "PYTHONPATH": str(ROOT),
         "SHOPSTACK_HOST": "127.0.0.1",
         "SHOPSTACK_PORT": str(port),
     }
+    started_at = log_path.stat().st_size if log_path.exists() else 0  # a log may be reused
     with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", service],
@@ -112,11 +122,17 @@ def start_service(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{service} exited {proc.returncode}:\n{running.log()}")
-        try:
-            if httpx.get(running.url + "/readyz", timeout=1).status_code == 200:
-                return running
-        except httpx.HTTPError:
-            pass
+        if beside:
+            with log_path.open("rb") as log:
+                log.seek(started_at)
+                if WORKER_STARTED in log.read():
+                    return running
+        else:
+            try:
+                if httpx.get(running.url + "/readyz", timeout=1).status_code == 200:
+                    return running
+            except httpx.HTTPError:
+                pass
         time.sleep(0.1)
     running.ensure_stopped()
     raise TimeoutError(f"{service} not ready:\n{running.log()}")

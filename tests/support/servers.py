@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from services.common.embedded import EmbeddedRedis
 
 
 def free_port() -> int:
@@ -40,6 +46,20 @@ def free_port_block(offsets: list[int]) -> int:
         if ok:
             return base
     raise RuntimeError("no free port block")
+
+
+def kill_redis(redis: EmbeddedRedis) -> None:
+    """SIGKILL an embedded redis-server (no shutdown, no final AOF write) and reap it."""
+    port = redis.url.rsplit(":", 1)[1].split("/")[0]
+    victims = [
+        proc
+        for proc in psutil.process_iter(["name", "cmdline"])
+        if "redis-server" in (proc.info["name"] or "")
+        and any(f":{port}" in part or part == port for part in proc.info["cmdline"] or [])
+    ]
+    assert len(victims) == 1, victims
+    os.kill(victims[0].pid, signal.SIGKILL)
+    victims[0].wait(10)
 
 
 def with_database(dsn: str, database: str) -> str:
