@@ -233,6 +233,11 @@ async def test_a_postgres_outage_is_one_warning_per_writer_then_one_recovery(
                 return await stored(pg, ids) == 200
 
             await wait_for(all_stored, timeout_s=10)
+
+            async def recovery_logged() -> bool:  # once the writer's round, after the commit, ends
+                return len(writer_records()) > 1
+
+            await wait_for(recovery_logged, timeout_s=5)
             recovered = writer_records()[1:]
             assert [r.levelno for r in recovered] == [logging.INFO]
             assert recovered[0].getMessage().endswith("recovered")
