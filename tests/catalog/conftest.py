@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,14 +104,20 @@ async def orders_app(settings_kwargs: dict[str, Any]) -> AsyncIterator[OrdersApp
             yield OrdersApp(client, manager._state["app_state"])
 
 
-@pytest.fixture
-async def inventory(settings_kwargs: dict[str, Any]) -> AsyncIterator[Inventory]:
+@asynccontextmanager
+async def open_inventory(settings_kwargs: dict[str, Any]) -> AsyncIterator[Inventory]:
     """The order path's dependencies without HTTP: pool (20), Redis, gate, flags."""
     settings = order_settings(settings_kwargs)
     async with open_data_state(settings) as base:
         state = CatalogState(base, settings)
         await ensure_gate(state.inventory, force=True)
         yield state.inventory
+
+
+@pytest.fixture
+async def inventory(settings_kwargs: dict[str, Any]) -> AsyncIterator[Inventory]:
+    async with open_inventory(settings_kwargs) as inv:
+        yield inv
 
 
 async def create_product(

@@ -6,7 +6,9 @@ import asyncio
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,8 +21,9 @@ from services.catalog import orders, storage
 from services.catalog.gate import Admission, InventoryGate, now_ms
 from services.catalog.inventory import Inventory, load_products
 from services.common.errors import LimitExceeded, Problem, SoldOut
-from tests.catalog.conftest import OPEN_SALE, assert_consistent, create_product
+from tests.catalog.conftest import OPEN_SALE, assert_consistent, create_product, open_inventory
 from tests.support.faultproxy import FaultProxy
+from tests.support.servers import migrated_database
 
 pytestmark = pytest.mark.slow
 
@@ -179,8 +182,25 @@ async def test_inv5_gate_rerun_decrements_once(inventory: Inventory, redis_url: 
         await proxy.stop()
 
 
-async def test_inv7_concurrent_sweepers_claim_each_row_once(inventory: Inventory) -> None:
+@pytest.fixture(scope="module")
+def sweep_database(servers: tuple[str, str]) -> Iterator[str]:
+    """INV-7's own database: a catalog process another test left running on the shared
+    one (its expiry sweeper) must not claim rows while this test counts who claimed them."""
+    with migrated_database(servers[0]) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def sweep_inventory(
+    settings_kwargs: dict[str, Any], sweep_database: str
+) -> AsyncIterator[Inventory]:
+    async with open_inventory({**settings_kwargs, "database_url": sweep_database}) as inv:
+        yield inv
+
+
+async def test_inv7_concurrent_sweepers_claim_each_row_once(sweep_inventory: Inventory) -> None:
     """INV-7: 8 sweepers over 1,000 expired reservations: each expired exactly once."""
+    inventory = sweep_inventory
     pid = await create_product(inventory, stock=1_000)
     past = datetime.now(UTC) - timedelta(hours=1)
     for start in range(0, 1_000, 100):

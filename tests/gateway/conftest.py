@@ -11,12 +11,13 @@ import pytest
 from aiohttp import web
 
 from services.catalog.seed import seed_products
+from services.common.embedded import EmbeddedRedis
 from services.gateway.app import create_app
 from services.gateway.seed import seed_users
 from services.gateway.settings import GatewaySettings
 from tests.support.asgi import client_for
-from tests.support.servers import aiohttp_site, free_port, free_port_block
-from tests.support.stack import RunningStack, start_stack, stop_stack
+from tests.support.servers import aiohttp_site, free_port
+from tests.support.stack import RunningStack, private_stack
 
 DEMO_USERS = 3
 
@@ -39,16 +40,28 @@ def seeded(database_url: str, settings_kwargs: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="session")
 def stack(
-    seeded: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    servers: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningStack]:
-    base = free_port_block([0, 1, 2, 3, 9])
-    running = start_stack(
-        base_port=base, env=service_env, log_path=tmp_path_factory.mktemp("stack") / "up.log"
-    )
-    yield running
-    leftovers = stop_stack(running)
-    assert leftovers == [], f"processes left behind: {leftovers}"
-    assert not (running.log_path.parent / "data" / "run" / "stack.json").exists()
+    """A whole stack with a database and a Redis of its own, seeded like `seeded`.
+
+    Its background jobs (the catalog's expiry sweeper and reconciler) run for the rest of
+    the session: on the shared test database they expired and repaired rows and gate keys
+    that in-process tests run later were counting (INV-5 and INV-7 failed when
+    tests/gateway ran before tests/catalog)."""
+    redis = EmbeddedRedis(tmp_path_factory.mktemp("stack-redis"), port=free_port())
+    log_dir = tmp_path_factory.mktemp("stack")
+    try:
+        with private_stack(
+            servers[0],
+            redis_url=redis.start(),
+            log_dir=log_dir,
+            products=20,
+            users=DEMO_USERS,
+        ) as (running, _):
+            yield running
+        assert not (log_dir / "data" / "run" / "stack.json").exists()
+    finally:
+        redis.stop()
 
 
 @pytest.fixture(scope="session")
