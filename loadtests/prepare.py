@@ -239,25 +239,35 @@ async def create_orders(
 
 
 async def create_payments(
-    base_url: str, pairs: list[workload.PaymentPair], *, timeout_s: float = 30.0
+    base_url: str,
+    pairs: list[workload.PaymentPair],
+    *,
+    concurrency: int = 16,
+    timeout_s: float = 30.0,
 ) -> Batch:
-    """Pay each order once; the replies (payment id, amount) are what callbacks name."""
+    """Pay each order once, `concurrency` at a time; the replies (payment id, amount) are
+    what callbacks name and what payment-status polls (matched to owners by order id)."""
     deadline = time.monotonic() + timeout_s
     batch = Batch()
+    queue = iter(pairs)
     async with client(base_url) as http:
-        for pair in pairs:
-            request = workload.payment_request(pair)
-            resp = await _post_retrying(
-                http,
-                request.path,
-                json={"order_id": pair.order_id},
-                headers={k: v for k, v in request.headers.items() if k != "Content-Type"},
-                deadline=deadline,
-            )
-            if resp.status_code == 201:
-                batch.items.append(resp.json())
-            else:
-                batch.failures[str(resp.status_code)] += 1
+
+        async def worker() -> None:
+            for pair in queue:
+                request = workload.payment_request(pair)
+                resp = await _post_retrying(
+                    http,
+                    request.path,
+                    json={"order_id": pair.order_id},
+                    headers={k: v for k, v in request.headers.items() if k != "Content-Type"},
+                    deadline=deadline,
+                )
+                if resp.status_code == 201:
+                    batch.items.append(resp.json())
+                else:
+                    batch.failures[str(resp.status_code)] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     return batch
 
 
